@@ -1,0 +1,1 @@
+"""Prefect flows: short functions that only compose tasks, plus the `subjectflow` CLI."""

@@ -1,0 +1,239 @@
+"""The catalog on disk: Parquet tables plus content-addressed blobs.
+
+Two guarantees the rest of the pipeline leans on:
+- a table is replaced atomically (write a hidden temp file, fsync, rename), so a crash
+  or kill mid-write leaves yesterday's table, never half of today's; readers never lock;
+- writers are serialised by a file lock on the catalog; a second writer waits up to a
+  timeout and then fails with a message, it never interleaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+
+from .layout import BLOB_KINDS, BLOBS_DIR, TABLE_FILE, TABLES_DIR
+from .schemas import TABLES, VERSION_KEY, TableSpec
+
+MANIFEST = "catalog.json"
+FORMAT = "subjectflow-catalog"
+FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
+
+
+class CatalogError(RuntimeError):
+    """A catalog problem the user can fix; the message says how."""
+
+
+class CatalogNotFound(CatalogError):
+    pass
+
+
+class CatalogBusy(CatalogError):
+    pass
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(dest: Path, data: bytes) -> None:
+    """Write `data` to `dest` so that `dest` is either absent/old or complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A leading dot keeps pyarrow.dataset (and DVC's users) from ever reading the temp file.
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_table(dest: Path, table: pa.Table) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Catalog:
+    """A catalog directory. Open one with `Catalog.open`, make one with `Catalog.create`."""
+
+    root: Path
+    manifest: dict = field(default_factory=dict)
+    lock_timeout_s: float = 600.0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, stage_file: Path, params_file: Path) -> "Catalog":
+        """Lay out an empty catalog. Idempotent: an existing catalog is opened unchanged."""
+        root = root.resolve()
+        if (root / MANIFEST).exists():
+            return cls.open(root)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_at": utcnow().isoformat(),
+            # Where this catalog's DVC stages and params live, relative to the catalog:
+            # inside a project that is the project's own dvc.yaml, else the catalog's.
+            "stage_file": os.path.relpath(stage_file.resolve(), root),
+            "params_file": os.path.relpath(params_file.resolve(), root),
+        }
+        catalog = cls(root, manifest)
+        catalog.ensure_layout()
+        atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        return catalog
+
+    @classmethod
+    def open(cls, root: Path, lock_timeout_s: float = 600.0) -> "Catalog":
+        root = Path(root).resolve()
+        manifest_path = root / MANIFEST
+        if not manifest_path.exists():
+            raise CatalogNotFound(
+                f"no catalog at {root} (missing {MANIFEST}); create one with "
+                f"`subjectflow init {root}` or pass --catalog PATH"
+            )
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise CatalogError(
+                f"{manifest_path} is format {manifest.get('format')!r} v{manifest.get('format_version')}; "
+                f"this subjectflow reads {FORMAT!r} up to v{FORMAT_VERSION}: upgrade subjectflow"
+            )
+        return cls(root, manifest, lock_timeout_s)
+
+    def ensure_layout(self) -> None:
+        """Make every table and blob directory exist, so each is a valid DVC output."""
+        for spec in TABLES.values():
+            if not (self.table_dir(spec.name) / TABLE_FILE).exists():
+                self.write(spec.name, spec.schema.empty_table())
+        for kind in BLOB_KINDS:
+            (self.root / BLOBS_DIR / kind).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def stage_file(self) -> Path:
+        return (self.root / self.manifest["stage_file"]).resolve()
+
+    @property
+    def params_file(self) -> Path:
+        return (self.root / self.manifest["params_file"]).resolve()
+
+    # -- tables --------------------------------------------------------------------
+
+    def table_dir(self, name: str) -> Path:
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; tables are {sorted(TABLES)}")
+        return self.root / TABLES_DIR / name
+
+    def read(self, name: str) -> pa.Table:
+        path = self.table_dir(name) / TABLE_FILE
+        spec = TABLES[name]
+        if not path.exists():
+            return spec.schema.empty_table()
+        table = pq.read_table(path)
+        found = int((table.schema.metadata or {}).get(VERSION_KEY, b"0"))
+        if found != spec.version:
+            raise CatalogError(
+                f"table {name!r} at {path} has schema version {found}, this subjectflow "
+                f"reads version {spec.version}; use the subjectflow release that wrote it"
+            )
+        return table
+
+    def write(self, name: str, table: pa.Table) -> None:
+        """Replace a table atomically. Callers that read-modify-write hold `writer()`."""
+        dest = self.table_dir(name) / TABLE_FILE
+        spec: TableSpec = TABLES[name]
+        try:
+            table = table.select(spec.schema.names).cast(spec.schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            raise CatalogError(f"rows for table {name!r} do not match its schema: {exc}") from exc
+        table = table.replace_schema_metadata(spec.schema.metadata)
+        _atomic_write_table(dest, table)
+
+    def upsert(self, name: str, rows: pa.Table) -> None:
+        """Insert `rows`, replacing existing rows with the same key (last one wins)."""
+        if rows.num_rows == 0:
+            return
+        spec = TABLES[name]
+        rows = rows.select(spec.schema.names).cast(spec.schema)
+        existing = self.read(name)
+        if existing.num_rows:
+            keep = pc.invert(pc.is_in(_row_keys(existing, spec), value_set=_row_keys(rows, spec)))
+            existing = existing.filter(keep)
+        self.write(name, pa.concat_tables([existing, rows]))
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator["Catalog"]:
+        """Hold the catalog's write lock (re-entrant within one process)."""
+        lock = self._lock()
+        try:
+            lock.acquire(timeout=self.lock_timeout_s)
+        except Timeout:
+            raise CatalogBusy(
+                f"catalog {self.root} is locked by another writer ({self.root / LOCK_FILE}) "
+                f"for over {self.lock_timeout_s:.0f}s; wait for that run to finish, or raise "
+                "versioning.lock_timeout_s"
+            ) from None
+        try:
+            yield self
+        finally:
+            lock.release()
+
+    def _lock(self) -> FileLock:
+        if not hasattr(self, "_file_lock"):
+            self._file_lock = FileLock(self.root / LOCK_FILE)
+        return self._file_lock
+
+    # -- blobs ---------------------------------------------------------------------
+
+    def put_blob(self, kind: str, data: bytes, suffix: str) -> str:
+        """Store bytes once under their sha256; returns the path relative to the catalog."""
+        if kind not in BLOB_KINDS:
+            raise KeyError(f"unknown blob kind {kind!r}; kinds are {list(BLOB_KINDS)}")
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"{BLOBS_DIR}/{kind}/{digest[:2]}/{digest}{suffix}"
+        dest = self.root / rel
+        if not dest.exists():
+            atomic_write_bytes(dest, data)
+        return rel
+
+    def blob_path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def _row_keys(table: pa.Table, spec: TableSpec) -> pa.Array:
+    if len(spec.key) == 1:
+        return table.column(spec.key[0]).combine_chunks()
+    # Composite keys compare as one joined string; \x1f never occurs in our key values.
+    return pc.binary_join_element_wise(*[table.column(k) for k in spec.key], "\x1f")

@@ -1,0 +1,138 @@
+"""The one typed configuration object, read from `params.yaml` and the environment.
+
+Precedence, lowest first: defaults here < `params.yaml` < environment variables
+`SUBJECTFLOW_<SECTION>__<KEY>` (e.g. `SUBJECTFLOW_INGEST__RESOLUTION=256`) < explicit
+overrides from the command line. Unknown keys are errors, so a typo in `params.yaml`
+fails before any work starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "SUBJECTFLOW_"
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MaskConfig(_Section):
+    # "grabcut" needs no weights; "package.module:Factory" plugs in any segmenter.
+    method: str = "grabcut"
+    # GrabCut cost grows with pixels; 128 px keeps product silhouettes and is ~4x
+    # cheaper than 256 (see bench/ingest.py).
+    size: int = Field(128, ge=32, le=1024)
+    iterations: int = Field(3, ge=1, le=20)
+
+
+class IngestConfig(_Section):
+    source: str = "photo_sets"
+    resolution: int = Field(512, ge=32, le=4096)
+    # crop: centre square crop (DreamBooth's choice); pad: letterbox, nothing cut off.
+    fit: Literal["crop", "pad"] = "crop"
+    thumbnail_size: int = Field(128, ge=16, le=1024)
+    # Decoded pixels allowed per photo; Pillow's own bomb guard only trips at 2x its limit.
+    max_pixels: int = Field(100_000_000, ge=1)
+    max_file_mb: float = Field(64.0, gt=0)
+    mask: MaskConfig = MaskConfig()
+    # 0 means one worker per CPU core.
+    workers: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+    def normalise_settings(self) -> dict[str, Any]:
+        """The settings a photo's derived files depend on; changing any re-derives them."""
+        return {
+            "resolution": self.resolution,
+            "fit": self.fit,
+            "thumbnail_size": self.thumbnail_size,
+            "mask": self.mask.model_dump(),
+        }
+
+    def settings_hash(self) -> str:
+        return stable_hash(self.normalise_settings())
+
+
+class VersioningConfig(_Section):
+    # Off only for callers that version themselves (e.g. `dvc repro` commits its own lock).
+    enabled: bool = True
+    push: bool = True
+    lock_timeout_s: float = Field(600.0, ge=0)
+
+
+class Config(_Section):
+    ingest: IngestConfig = IngestConfig()
+    versioning: VersioningConfig = VersioningConfig()
+
+    @model_validator(mode="after")
+    def _thumbnail_not_larger_than_training_copy(self) -> "Config":
+        if self.ingest.thumbnail_size > self.ingest.resolution:
+            raise ValueError("ingest.thumbnail_size must not exceed ingest.resolution")
+        return self
+
+    def digest(self) -> str:
+        return stable_hash(self.model_dump())
+
+
+def stable_hash(value: Any) -> str:
+    """A short hash of JSON-able data, stable across processes (unlike `hash()`)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`SUBJECTFLOW_INGEST__MASK__SIZE=64` -> {"ingest": {"mask": {"size": "64"}}}."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+    return tree
+
+
+def load_config(
+    params_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    data: dict[str, Any] = {}
+    if params_file is not None and params_file.exists():
+        loaded = yaml.safe_load(params_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{params_file} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = _deep_merge(data, _env_overrides(os.environ if environ is None else environ))
+    data = _deep_merge(data, overrides or {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        where = f" (from {params_file} and SUBJECTFLOW_* variables)" if params_file else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{where}: {problems}") from None
