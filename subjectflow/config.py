@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "SUBJECTFLOW_"
 
@@ -42,7 +42,7 @@ class IngestConfig(_Section):
     resolution: int = Field(512, ge=32, le=4096)
     # crop: centre square crop (DreamBooth's choice); pad: letterbox, nothing cut off.
     fit: Literal["crop", "pad"] = "crop"
-    thumbnail_size: int = Field(128, ge=16, le=1024)
+    thumbnail_size: int = Field(128, ge=16, le=1024)  # capped at `resolution`
     # Decoded pixels allowed per photo; Pillow's own bomb guard only trips at 2x its limit.
     max_pixels: int = Field(100_000_000, ge=1)
     max_file_mb: float = Field(64.0, gt=0)
@@ -56,9 +56,13 @@ class IngestConfig(_Section):
         return {
             "resolution": self.resolution,
             "fit": self.fit,
-            "thumbnail_size": self.thumbnail_size,
+            "thumbnail_size": self.thumbnail_side,
             "mask": self.mask.model_dump(),
         }
+
+    @property
+    def thumbnail_side(self) -> int:
+        return min(self.thumbnail_size, self.resolution)
 
     def settings_hash(self) -> str:
         return stable_hash(self.normalise_settings())
@@ -74,12 +78,6 @@ class VersioningConfig(_Section):
 class Config(_Section):
     ingest: IngestConfig = IngestConfig()
     versioning: VersioningConfig = VersioningConfig()
-
-    @model_validator(mode="after")
-    def _thumbnail_not_larger_than_training_copy(self) -> "Config":
-        if self.ingest.thumbnail_size > self.ingest.resolution:
-            raise ValueError("ingest.thumbnail_size must not exceed ingest.resolution")
-        return self
 
     def digest(self) -> str:
         return stable_hash(self.model_dump())
@@ -133,6 +131,6 @@ def load_config(
     except ValidationError as exc:
         where = f" (from {params_file} and SUBJECTFLOW_* variables)" if params_file else ""
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            ": ".join(filter(None, (".".join(str(p) for p in err["loc"]), err["msg"]))) for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration{where}: {problems}") from None

@@ -108,7 +108,15 @@ def init_catalog(path: Path, config: Config, remote: str | None = None, standalo
             stage_file.write_text(yaml.safe_dump({"stages": render_dvc_stages(".")}, sort_keys=False))
             (path / "params.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     catalog = Catalog.create(path, stage_file, stage_file.parent / "params.yaml")
-    _ignore_lock_file(path)
+    _add_ignore_line(path / ".gitignore", "/.lock")
+    # Pre-ignore the stage outputs exactly as `dvc commit` will, so git status is clean
+    # from the first moment rather than after the first version.
+    ignores = []
+    for stage in STAGES.values():
+        for out in stage.outputs(os.path.relpath(path, stage_file.parent)):
+            out_path = stage_file.parent / out
+            _add_ignore_line(out_path.parent / ".gitignore", "/" + out_path.name)
+            ignores.append(out_path.parent / ".gitignore")
 
     if remote:
         _dvc(["remote", "add", "--default", "--force", "storage", remote], dvc_root, "dvc remote add")
@@ -117,16 +125,16 @@ def init_catalog(path: Path, config: Config, remote: str | None = None, standalo
             _dvc(["remote", "modify", "storage", "endpointurl", endpoint], dvc_root, "dvc remote modify")
 
     tracked = [p for p in (path / "catalog.json", path / ".gitignore", stage_file, stage_file.parent / "params.yaml",
-                           dvc_root / ".dvc" / "config", dvc_root / ".dvcignore") if p.exists()]
+                           dvc_root / ".dvc" / "config", dvc_root / ".dvc" / ".gitignore", dvc_root / ".dvcignore",
+                           *sorted(set(ignores))) if p.exists()]
     _commit(path, tracked, "subjectflow catalog: init" + (f" (remote {remote})" if remote else ""))
     return catalog
 
 
-def _ignore_lock_file(path: Path) -> None:
-    gitignore = path / ".gitignore"
+def _add_ignore_line(gitignore: Path, line: str) -> None:
     lines = gitignore.read_text().splitlines() if gitignore.exists() else []
-    if "/.lock" not in lines:
-        gitignore.write_text("\n".join([*lines, "/.lock"]) + "\n")
+    if line not in lines:
+        gitignore.write_text("\n".join([*lines, line]) + "\n")
 
 
 def _commit(cwd: Path, paths: list[Path], message: str) -> str | None:

@@ -16,9 +16,12 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # A truncated file must fail loudly, never decode as a grey-bottomed photo.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-FORMAT_BY_SUFFIX = {
-    ".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF",
-    ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF",
+# Formats a suffix may honestly hold. MPO is the multi-picture JPEG many cameras write
+# (its first frame is the photo), so a .jpg holding one is not mislabelled.
+_JPEG = frozenset({"JPEG", "MPO"})
+FORMATS_BY_SUFFIX = {
+    ".jpg": _JPEG, ".jpeg": _JPEG, ".png": frozenset({"PNG"}), ".webp": frozenset({"WEBP"}),
+    ".tif": frozenset({"TIFF"}), ".tiff": frozenset({"TIFF"}), ".bmp": frozenset({"BMP"}), ".gif": frozenset({"GIF"}),
 }
 # EXIF orientations 5-8 rotate by 90 degrees, swapping width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -51,8 +54,7 @@ def _open(data: bytes, suffix: str, max_pixels: int) -> Image.Image:
         raise PhotoRejected(f"decompression bomb guard: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise PhotoRejected(f"corrupt header: {exc}") from None
-    expected = FORMAT_BY_SUFFIX.get(suffix)
-    if suffix and expected != im.format:
+    if suffix and im.format not in FORMATS_BY_SUFFIX.get(suffix, ()):
         raise PhotoRejected(f"mislabelled: named {suffix!r} but the content is {im.format}")
     width, height = im.size
     if width * height > max_pixels:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
+from PIL import Image
 
 from ..catalog import Catalog
 from ..catalog.schemas import IMAGES, QUARANTINE, SOURCE_FILES, SUBJECTS
@@ -123,7 +124,7 @@ def process_photo(photo: SourceFile, catalog_root: Path, config: IngestConfig) -
 
     catalog = Catalog(catalog_root)
     mask, coverage = subject_mask(photo_out.image, config.mask)
-    thumbnail = photo_out.image.resize((config.thumbnail_size,) * 2, resample=3)  # 3 = bicubic
+    thumbnail = photo_out.image.resize((config.thumbnail_side,) * 2, Image.Resampling.BICUBIC)
     image = {
         "image_id": sha,
         "subject_id": subject_id(photo.subject),
@@ -189,8 +190,16 @@ def record_ingest(
         taken_now: set[str] = set()
         images, quarantine, ledger = [], [], []
 
+        # A file still failing the same way (a dangling link retried nightly) is old news:
+        # re-recording it would mint a new catalog version every run.
+        known_verdicts = {(q["source_uri"], q["fingerprint"], q["reason"])
+                          for q in catalog.read(QUARANTINE.name).to_pylist()}
+
         def quarantine_row(uri, subject, reason, sha=None, size=None):
-            quarantine.append({"source_uri": uri, "fingerprint": fingerprints.get(uri, ""), "subject": subject,
+            fingerprint = fingerprints.get(uri, "")
+            if (uri, fingerprint, reason) in known_verdicts:
+                return
+            quarantine.append({"source_uri": uri, "fingerprint": fingerprint, "subject": subject,
                                "reason": reason, "sha256": sha, "size_bytes": size, "detected_at": now})
             report.new_quarantine.append((uri, reason))
 

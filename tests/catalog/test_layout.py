@@ -1,0 +1,49 @@
+"""The repository's dvc.yaml, the catalog layout and the import layers agree."""
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from subjectflow.catalog.layout import STAGES, render_dvc_stages
+from subjectflow.catalog.schemas import TABLES
+from subjectflow.config import Config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_dvc_yaml_outputs_and_params_agree_with_the_catalog_layout():
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    expected = render_dvc_stages("catalog")
+    assert set(declared) == set(expected) == set(STAGES)
+    for name, stage in expected.items():
+        assert declared[name]["outs"] == stage["outs"]
+        assert declared[name]["params"] == stage["params"]
+        assert declared[name]["cmd"] == stage["cmd"]
+
+
+def test_every_table_is_owned_by_exactly_one_stage():
+    owned = [t for s in STAGES.values() for t in s.tables]
+    assert sorted(owned) == sorted(TABLES)
+
+
+def test_params_yaml_is_a_valid_complete_config():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert Config.model_validate(params) == Config()
+    assert set(params) == set(Config.model_fields)
+
+
+def _imports(package: str) -> set[str]:
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_layers_import_only_downwards():
+    assert not _imports("subjectflow") & {"prefect", "dvc", "flows", "tasks"}
+    assert not _imports("tasks") & {"flows"}

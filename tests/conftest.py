@@ -1,0 +1,84 @@
+"""Shared fixtures: one Prefect test harness per session, a real S3 endpoint (moto's
+ThreadedMotoServer on 127.0.0.1), temporary catalogs, and the shared DreamBench photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DREAMBENCH = Path(os.environ.get("SUBJECTFLOW_DREAMBENCH", REPO_ROOT.parent / "shared" / "datasets" / "dreambench-dev"))
+
+# Offline machine: never let a library try to phone home during tests.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_follows_capture():
+    """Prefect's console handler keeps the stderr it saw at set-up, which pytest swaps
+    (and closes) per test; point it at the current test's stream instead."""
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.stream = sys.stderr  # not setStream(): it flushes the closed one
+                handler.console.file = sys.stderr
+    yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real HTTP S3 endpoint; boto3 and DVC's s3fs both reach it via AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    from subjectflow.ingest.source import s3_client
+
+    s3_client.cache_clear()
+    yield f"http://{host}:{port}"
+    s3_client.cache_clear()
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """A fresh standalone catalog (its own git + DVC repo) with default config."""
+    from subjectflow.catalog import init_catalog
+    from subjectflow.config import Config
+
+    return init_catalog(tmp_path / "catalog", Config())
+
+
+@pytest.fixture
+def dreambench() -> Path:
+    if not DREAMBENCH.is_dir():
+        pytest.skip(f"DreamBench photo sets not found at {DREAMBENCH} (set SUBJECTFLOW_DREAMBENCH); "
+                    "they live in the team's shared/ folder, not in this repository")
+    return DREAMBENCH
