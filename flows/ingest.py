@@ -43,5 +43,5 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
 
     report = record_ingest_task(root, listing, plan, results, config.ingest)
     get_run_logger().info(report.summary())
-    version = version_run(root, ["ingest"], report.summary(), config.versioning) if report.changed else None
+    version = version_run(root, report.summary(), config.versioning) if report.changed else None
     return IngestRun(report, version)

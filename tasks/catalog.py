@@ -10,10 +10,10 @@ from subjectflow.catalog import Catalog, CatalogVersion, push_catalog, version_c
 
 
 @task(name="version-catalog")
-def version_catalog_task(catalog_root: Path, stages: list[str], summary: str) -> CatalogVersion | None:
-    return version_catalog(Catalog.open(catalog_root), stages, summary)
+def version_catalog_task(catalog_root: Path, summary: str) -> CatalogVersion | None:
+    return version_catalog(Catalog.open(catalog_root), summary)
 
 
 @task(name="push-catalog", retries=3, retry_delay_seconds=[5, 30, 120])
-def push_catalog_task(catalog_root: Path, stages: list[str]) -> bool:
-    return push_catalog(Catalog.open(catalog_root), stages)
+def push_catalog_task(catalog_root: Path) -> bool:
+    return push_catalog(Catalog.open(catalog_root))

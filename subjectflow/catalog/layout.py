@@ -13,6 +13,8 @@ from typing import Any
 TABLES_DIR = "tables"
 BLOBS_DIR = "blobs"
 TABLE_FILE = "data.parquet"
+MODELS_DIR = "models"  # base models built by the project (tiny-sd), in diffusers layout
+WORK_DIR = "work"  # checkpoints and other resumable state: neither git nor DVC track it
 
 
 @dataclass(frozen=True)
@@ -22,15 +24,21 @@ class Stage:
     blob_kinds: tuple[str, ...]
     params: tuple[str, ...]  # params.yaml sections the stage reads
     command: str  # `{catalog}` is the catalog's path relative to the dvc.yaml
+    needs: tuple[str, ...] = ()  # tables of earlier stages it reads: the DAG's edges
+    dirs: tuple[str, ...] = ()  # plain (not content-addressed) directories it owns
     # Stages reading an external source (a folder or bucket DVC cannot hash cheaply)
     # always run; they are incremental, so an unchanged source costs one listing.
     always_changed: bool = False
 
     def outputs(self, catalog: str) -> list[str]:
-        prefix = "" if catalog in ("", ".") else catalog.rstrip("/") + "/"
-        return [f"{prefix}{TABLES_DIR}/{t}" for t in self.tables] + [
-            f"{prefix}{BLOBS_DIR}/{k}" for k in self.blob_kinds
-        ]
+        prefix = _prefix(catalog)
+        return ([f"{prefix}{TABLES_DIR}/{t}" for t in self.tables]
+                + [f"{prefix}{BLOBS_DIR}/{k}" for k in self.blob_kinds]
+                + [f"{prefix}{d}" for d in self.dirs])
+
+
+def _prefix(catalog: str) -> str:
+    return "" if catalog in ("", ".") else catalog.rstrip("/") + "/"
 
 
 STAGES: dict[str, Stage] = {
@@ -44,10 +52,30 @@ STAGES: dict[str, Stage] = {
             command="subjectflow ingest ${{ingest.source}} --catalog {catalog} --no-version",
             always_changed=True,
         ),
+        Stage(
+            name="tune",
+            # Negatives live here: SFT -> CDNS negatives -> SFO is one per-subject chain.
+            tables=("negatives", "adapters", "train_log"),
+            blob_kinds=("negatives", "adapters"),
+            dirs=(MODELS_DIR,),
+            params=("model", "train", "sft", "sfo", "negatives"),
+            command="subjectflow tune --all --catalog {catalog} --no-version",
+            needs=("subjects", "images"),
+        ),
+        Stage(
+            name="generate",
+            tables=("samples",),
+            blob_kinds=("samples",),
+            params=("model", "generate"),
+            command="subjectflow generate --all --catalog {catalog} --no-version",
+            needs=("adapters",),
+        ),
     )
 }
 
 BLOB_KINDS: tuple[str, ...] = tuple(k for s in STAGES.values() for k in s.blob_kinds)
+STAGE_DIRS: tuple[str, ...] = tuple(d for s in STAGES.values() for d in s.dirs)
+
 
 
 def owning_stage(table: str) -> Stage:
@@ -66,8 +94,9 @@ def render_dvc_stages(catalog: str, code_deps: tuple[str, ...] = ()) -> dict[str
     stages: dict[str, Any] = {}
     for stage in STAGES.values():
         entry: dict[str, Any] = {"cmd": stage.command.format(catalog=catalog or ".")}
-        if code_deps:
-            entry["deps"] = list(code_deps)
+        deps = list(code_deps) + [f"{_prefix(catalog)}{TABLES_DIR}/{t}" for t in stage.needs]
+        if deps:
+            entry["deps"] = deps
         entry["params"] = list(stage.params)
         entry["outs"] = [{path: {"persist": True}} for path in stage.outputs(catalog)]
         if stage.always_changed:

@@ -103,4 +103,85 @@ SOURCE_FILES = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES)}
+# A CDNS negative: made by the model itself from a degraded reference and a generic
+# prompt (METHODS.md section 1). Every parameter needed to make it again is recorded.
+NEGATIVES = TableSpec(
+    "negatives",
+    version=1,
+    key=("negative_id",),
+    fields=(
+        pa.field("negative_id", pa.string(), nullable=False),  # hash of everything below but file
+        pa.field("image_id", pa.string(), nullable=False),  # the positive it was made from
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),
+        pa.field("generator", pa.string(), nullable=False),  # e.g. "sft-img2img"
+        pa.field("generator_adapter_id", pa.string(), nullable=True),
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("blur_radius", pa.float32(), nullable=False),
+        pa.field("strength", pa.float32(), nullable=False),
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("guidance", pa.float32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("resolution", pa.int32(), nullable=False),
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
+ADAPTERS = TableSpec(
+    "adapters",
+    version=1,
+    key=("adapter_id",),
+    fields=(
+        pa.field("adapter_id", pa.string(), nullable=False),  # hash of method, subject, params, inputs
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("parent_adapter_id", pa.string(), nullable=True),  # SFO trains on top of an SFT adapter
+        pa.field("file", pa.string(), nullable=False),  # diffusers LoRA safetensors
+        pa.field("params", pa.string(), nullable=False),  # JSON of every setting that shaped it
+        pa.field("inputs_hash", pa.string(), nullable=False),  # photos (and negatives) it saw
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("final_loss", pa.float64(), nullable=False),
+        pa.field("trained_on_version", pa.int32(), nullable=True),  # catalog version of its data
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
+# Long format (one metric value per row) so any dashboard can plot any metric.
+TRAIN_LOG = TableSpec(
+    "train_log",
+    version=1,
+    key=("adapter_id", "step", "metric"),
+    fields=(
+        pa.field("adapter_id", pa.string(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+    ),
+)
+
+SAMPLES = TableSpec(
+    "samples",
+    version=1,
+    key=("sample_id",),
+    fields=(
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string(), nullable=True),
+        pa.field("adapter_id", pa.string(), nullable=True),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("guidance", pa.float32(), nullable=False),
+        pa.field("resolution", pa.int32(), nullable=False),
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES)
+}

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from .layout import BLOB_KINDS, BLOBS_DIR, TABLE_FILE, TABLES_DIR
+from .layout import BLOB_KINDS, BLOBS_DIR, STAGE_DIRS, TABLE_FILE, TABLES_DIR
 from .schemas import TABLES, VERSION_KEY, TableSpec
 
 MANIFEST = "catalog.json"
@@ -140,6 +140,8 @@ class Catalog:
                 self.write(spec.name, spec.schema.empty_table())
         for kind in BLOB_KINDS:
             (self.root / BLOBS_DIR / kind).mkdir(parents=True, exist_ok=True)
+        for directory in STAGE_DIRS:
+            (self.root / directory).mkdir(parents=True, exist_ok=True)
 
     @property
     def stage_file(self) -> Path:
@@ -236,4 +238,4 @@ def _row_keys(table: pa.Table, spec: TableSpec) -> pa.Array:
     if len(spec.key) == 1:
         return table.column(spec.key[0]).combine_chunks()
     # Composite keys compare as one joined string; \x1f never occurs in our key values.
-    return pc.binary_join_element_wise(*[table.column(k) for k in spec.key], "\x1f")
+    return pc.binary_join_element_wise(*[pc.cast(table.column(k), pa.string()) for k in spec.key], "\x1f")

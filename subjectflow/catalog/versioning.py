@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config
-from .layout import STAGES, render_dvc_stages
+from .layout import STAGES, WORK_DIR, render_dvc_stages
 from .store import Catalog, CatalogError
 
 VERSION_SUBJECT = re.compile(r"^subjectflow catalog v(\d+): ")
@@ -108,7 +108,8 @@ def init_catalog(path: Path, config: Config, remote: str | None = None, standalo
             stage_file.write_text(yaml.safe_dump({"stages": render_dvc_stages(".")}, sort_keys=False))
             (path / "params.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     catalog = Catalog.create(path, stage_file, stage_file.parent / "params.yaml")
-    _add_ignore_line(path / ".gitignore", "/.lock")
+    for private in ("/.lock", f"/{WORK_DIR}"):
+        _add_ignore_line(path / ".gitignore", private)
     # Pre-ignore the stage outputs exactly as `dvc commit` will, so git status is clean
     # from the first moment rather than after the first version.
     ignores = []
@@ -151,26 +152,20 @@ def has_remote(catalog: Catalog) -> bool:
     return bool(_dvc(["remote", "list"], catalog.stage_file.parent).strip())
 
 
-def _targets(catalog: Catalog, stages: list[str]) -> list[str]:
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise VersioningError(f"unknown stages {unknown}; stages are {sorted(STAGES)}")
-    return [f"{catalog.stage_file.name}:{s}" for s in stages]
+def version_catalog(catalog: Catalog, summary: str) -> CatalogVersion | None:
+    """Record the whole catalog as a new version after a run changed it.
 
-
-def version_catalog(catalog: Catalog, stages: list[str], summary: str) -> CatalogVersion | None:
-    """Record the catalog as a new version after a run changed `stages`.
-
-    Returns None when the data is byte-identical to the last version (an idempotent re-run).
+    Every stage is committed, not just the one that ran, so each version is a complete
+    catalog: a clone can `dvc pull` any version whole. Returns None when the data is
+    byte-identical to the last version (an idempotent re-run).
     """
-    targets = _targets(catalog, stages)
     stage_dir = catalog.stage_file.parent
     with catalog.writer():
         catalog.ensure_layout()
-        _dvc(["commit", "--force", "--quiet", *targets], stage_dir, "dvc commit")
+        _dvc(["commit", "--force", "--quiet", *_targets(catalog)], stage_dir, "dvc commit")
         number = max((v.number for v in list_versions(catalog)), default=0) + 1
         changed = [stage_dir / "dvc.lock", catalog.root / "catalog.json"]
-        changed += [catalog.root / d / ".gitignore" for d in ("tables", "blobs")]
+        changed += [catalog.root / d / ".gitignore" for d in (".", "tables", "blobs")]
         commit = _commit(
             stage_dir,
             [p for p in changed if p.exists()],
@@ -181,13 +176,16 @@ def version_catalog(catalog: Catalog, stages: list[str], summary: str) -> Catalo
     return next(v for v in list_versions(catalog) if v.commit == commit)
 
 
-def push_catalog(catalog: Catalog, stages: list[str]) -> bool:
-    """Send the stages' data to the DVC remote; False when no remote is configured."""
-    targets = _targets(catalog, stages)
+def _targets(catalog: Catalog) -> list[str]:
+    return [f"{catalog.stage_file.name}:{stage}" for stage in STAGES]
+
+
+def push_catalog(catalog: Catalog) -> bool:
+    """Send the catalog's data to the DVC remote; False when no remote is configured."""
     with catalog.writer():
         if not has_remote(catalog):
             return False
-        _dvc(["push", "--quiet", *targets], catalog.stage_file.parent, "dvc push")
+        _dvc(["push", "--quiet", *_targets(catalog)], catalog.stage_file.parent, "dvc push")
     return True
 
 

@@ -144,3 +144,15 @@ def test_blobs_are_content_addressed_and_stored_once(catalog):
     assert a == b and catalog.blob_path(a).read_bytes() == b"same"
     with pytest.raises(KeyError, match="unknown blob kind"):
         catalog.put_blob("nonsense", b"x", ".bin")
+
+
+def test_upsert_on_a_composite_key_with_a_numeric_part(catalog):
+    from subjectflow.catalog.schemas import TRAIN_LOG
+
+    def log(rows):
+        return pa.Table.from_pylist([{"adapter_id": "a", "step": s, "metric": "loss", "value": v} for s, v in rows],
+                                    schema=TRAIN_LOG.schema)
+
+    catalog.upsert("train_log", log([(1, 0.5), (2, 0.4)]))
+    catalog.upsert("train_log", log([(2, 0.3), (3, 0.2)]))
+    assert sorted((r["step"], r["value"]) for r in catalog.read("train_log").to_pylist()) == [(1, 0.5), (2, 0.3), (3, 0.2)]

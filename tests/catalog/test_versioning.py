@@ -24,11 +24,11 @@ def test_init_is_idempotent(catalog):
 
 
 def test_a_version_is_recorded_only_when_the_data_changed(catalog):
-    first = version_catalog(catalog, ["ingest"], "first")
+    first = version_catalog(catalog, "first")
     assert first.number == 1
-    assert version_catalog(catalog, ["ingest"], "nothing new") is None
+    assert version_catalog(catalog, "nothing new") is None
     catalog.put_blob("photos", b"new photo", ".jpg")
-    second = version_catalog(catalog, ["ingest"], "one more photo")
+    second = version_catalog(catalog, "one more photo")
     assert second.number == 2
     assert [v.number for v in list_versions(catalog)] == [2, 1]
     lock = yaml.safe_load((catalog.root / "dvc.lock").read_text())
@@ -50,7 +50,7 @@ def test_inside_a_project_the_projects_dvc_yaml_is_used_and_user_changes_stay_un
 
     catalog = init_catalog(project / "catalog", Config())
     assert catalog.stage_file == project / "dvc.yaml"
-    assert version_catalog(Catalog.open(project / "catalog"), ["ingest"], "first").number == 1
+    assert version_catalog(Catalog.open(project / "catalog"), "first").number == 1
     committed = git(project, "show", "--name-only", "--format=", "HEAD").split()
     assert "dvc.lock" in committed and "work.py" not in committed
     assert "A  work.py" in git(project, "status", "--porcelain")
