@@ -17,6 +17,7 @@ from typing import Any, Callable
 from subjectflow.catalog import BLOB_KINDS, TABLES, Catalog, CatalogError, init_catalog, list_versions
 from subjectflow.config import ConfigError, load_config
 from subjectflow.ingest import SourceError
+from subjectflow.models.loading import ModelNotAvailable
 
 
 def default_catalog() -> str:
@@ -33,10 +34,17 @@ def _add_catalog(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    ingest = {k: v for k, v in (("workers", getattr(args, "workers", None)),
-                                ("resolution", getattr(args, "resolution", None))) if v is not None}
-    versioning = {"enabled": False} if getattr(args, "no_version", False) else {}
-    return {k: v for k, v in (("ingest", ingest), ("versioning", versioning)) if v}
+    """Command-line flags as config overrides (section -> key -> value)."""
+    flags = {("ingest", "workers"): "workers", ("ingest", "resolution"): "resolution",
+             ("train", "steps"): "steps", ("sfo", "steps"): "sfo_steps", ("model", "base"): "model",
+             ("generate", "steps"): "sample_steps"}
+    overrides: dict[str, dict[str, Any]] = {}
+    for (section, key), flag in flags.items():
+        if getattr(args, flag, None) is not None:
+            overrides.setdefault(section, {})[key] = getattr(args, flag)
+    if getattr(args, "no_version", False):
+        overrides["versioning"] = {"enabled": False}
+    return overrides
 
 
 def _open(args: argparse.Namespace) -> Catalog:
@@ -73,6 +81,50 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     run = catalog_refresh(str(catalog.root), args.source, config)
     print(run.report.summary())
     return 0 if run.report.balanced else 1
+
+
+def _config(args: argparse.Namespace) -> tuple[Catalog, Any]:
+    catalog = _open(args)
+    return catalog, load_config(catalog.params_file, _overrides(args))
+
+
+def _subjects(args: argparse.Namespace) -> list[str] | None:
+    if getattr(args, "all", False):
+        return None
+    if not args.subject:
+        raise ConfigError("name the subjects with --subject NAME (repeatable), or pass --all")
+    return args.subject
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from flows.tune import tune_flow
+
+    catalog, config = _config(args)
+    run = tune_flow(str(catalog.root), args.method, _subjects(args), config)
+    print(run.summary())
+    return 1 if run.failures else 0
+
+
+def cmd_negatives(args: argparse.Namespace) -> int:
+    from flows.tune import negatives_flow
+
+    catalog, config = _config(args)
+    run = negatives_flow(str(catalog.root), args.subject or None, config)
+    print(run.summary())
+    return 1 if run.failures else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flows.tune import generate_flow
+
+    catalog, config = _config(args)
+    subjects = _subjects(args)
+    if subjects is None:
+        subjects = sorted(catalog.read("subjects").column("subject_id").to_pylist())
+    samples = generate_flow(str(catalog.root), args.prompt, subjects, args.method, args.n, args.adapter, config)
+    for row in samples:
+        print(f"{row['subject_id'] or '-':<20} {row['method']:<5} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")
+    return 0
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -122,11 +174,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run = demo_flow(args.dir)
     print()
     print(catalog_summary(Catalog.open(run.catalog)))
+    print()
+    print(run.tune.summary())
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s")
     print(f"  photo sets: {run.photo_sets}")
     print(f"  catalog:    {run.catalog}  (its own git + DVC repository)")
+    print(f"  samples:    {run.catalog / 'blobs' / 'samples'}  ({len(run.samples)} images, tiny-sd: a smoke test, not quality)")
     print(f"  try:        subjectflow catalog show --catalog {run.catalog}")
-    return 0 if run.ingest.report.balanced else 1
+    return 0 if run.ingest.report.balanced and not run.tune.failures else 1
 
 
 # -- parser ------------------------------------------------------------------------
@@ -160,6 +215,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="override ingest.source from params.yaml")
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
+    p = command("tune", cmd_tune, "train per-subject adapters: sft (DreamBooth-LoRA) or sfo (on CDNS negatives)")
+    p.add_argument("--subject", action="append", help="subject to tune (repeatable)")
+    p.add_argument("--all", action="store_true", help="every subject whose adapter is missing or stale")
+    p.add_argument("--method", choices=["sft", "sfo"], default="sfo",
+                   help="sfo makes its SFT adapter and negatives first when missing (default: sfo)")
+    p.add_argument("--steps", type=int, help="SFT training steps (default: train.steps)")
+    p.add_argument("--sfo-steps", type=int, help="SFO training steps (default: sfo.steps)")
+    p.add_argument("--model", help="base model: tiny-sd, a local diffusers folder or a cached hub id (default: model.base)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
+    p = command("negatives", cmd_negatives, "make CDNS negatives (blurred reference + generic prompt) per photo")
+    p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
+    p.add_argument("--model", help="base model (default: model.base)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
+    p = command("generate", cmd_generate, "sample images with a subject's adapter and register them in `samples`")
+    p.add_argument("--subject", action="append", help="subject (repeatable)")
+    p.add_argument("--all", action="store_true", help="every subject")
+    p.add_argument("--prompt", default="a photo of {subject}",
+                   help="prompt; {subject} becomes the identifier + class noun (default: %(default)r)")
+    p.add_argument("--method", choices=["base", "sft", "sfo"], default="sfo", help="which adapter (default: sfo)")
+    p.add_argument("--adapter", help="an adapter_id from the adapters table (overrides --method's choice)")
+    p.add_argument("--n", type=int, default=1, help="images per subject (default: 1)")
+    p.add_argument("--sample-steps", type=int, help="sampling steps (default: generate.steps)")
+    p.add_argument("--model", help="base model (default: model.base)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
     catalog = command("catalog", lambda a: 2, "inspect a catalog")
     csub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
     for name, fn, help in (("versions", cmd_versions, "list catalog versions, newest first"),
@@ -180,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         return args.fn(args)
-    except (SourceError, CatalogError, ConfigError) as exc:
+    except (SourceError, CatalogError, ConfigError, ModelNotAvailable) as exc:
         print(f"subjectflow: error: {exc}", file=sys.stderr)
         return 2
 

@@ -68,6 +68,66 @@ class IngestConfig(_Section):
         return stable_hash(self.normalise_settings())
 
 
+class ModelConfig(_Section):
+    # "tiny-sd" (built by the project), a local diffusers folder, or a hub id already
+    # in the local Hugging Face cache: nothing is downloaded at run time.
+    base: str = "tiny-sd"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+
+
+class TrainConfig(_Section):
+    """What every training run shares (the loop in subjectflow/tuning/loop.py)."""
+
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    resolution: int = Field(512, ge=16, le=4096)
+    learning_rate: float = Field(1e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0)
+    lora_rank: int = Field(4, ge=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class SftConfig(_Section):
+    """DreamBooth-LoRA (METHODS.md: SFT is SFO's starting point)."""
+
+    identifier: str = "sks"  # the rare token that names the subject
+    prior_preservation: bool = False
+    class_images: int = Field(8, ge=1)
+    prior_weight: float = Field(1.0, ge=0)
+
+
+class SfoConfig(_Section):
+    """Pairwise subject-fidelity optimisation (METHODS.md section 1)."""
+
+    beta: float = Field(1000.0, gt=0)
+    lora_rank: int = Field(16, ge=1)  # the paper's new rank-16 "SFO LoRA" on the frozen SFT one
+    steps: int = Field(300, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class NegativesConfig(_Section):
+    """CDNS negatives: both conditions degraded (METHODS.md section 1)."""
+
+    per_photo: int = Field(1, ge=1)
+    radius_at_512: float = Field(5.0, ge=0)
+    strength: float = Field(0.6, gt=0, le=1)
+    steps: int = Field(28, ge=1)
+    guidance: float = Field(3.5, ge=0)
+    seed: int = 0
+
+
+class GenerateConfig(_Section):
+    steps: int = Field(30, ge=1)
+    guidance: float = Field(7.5, ge=0)
+    resolution: int = Field(512, ge=16, le=4096)
+    seed: int = 0
+
+
 class VersioningConfig(_Section):
     # Off only for callers that version themselves (e.g. `dvc repro` commits its own lock).
     enabled: bool = True
@@ -77,6 +137,12 @@ class VersioningConfig(_Section):
 
 class Config(_Section):
     ingest: IngestConfig = IngestConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    sft: SftConfig = SftConfig()
+    sfo: SfoConfig = SfoConfig()
+    negatives: NegativesConfig = NegativesConfig()
+    generate: GenerateConfig = GenerateConfig()
     versioning: VersioningConfig = VersioningConfig()
 
     def digest(self) -> str:

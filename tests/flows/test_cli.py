@@ -69,7 +69,8 @@ def test_a_typo_in_params_yaml_fails_before_any_work(tmp_path, capfd):
 def test_the_demo_keeps_its_own_repository_and_balances(tmp_path, capfd):
     assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
     out = capfd.readouterr().out
-    assert "red_mug" in out and "latest version: v1" in out
+    # ingest, tune, then one generate run per method: each a version
+    assert "red_mug" in out and "latest version: v4" in out and "4 subject(s), 0 failed" in out
     assert (tmp_path / "demo" / "catalog" / ".git").is_dir()
     assert "images              16 rows" in out
 

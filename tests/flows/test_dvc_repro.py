@@ -28,7 +28,7 @@ def test_dvc_repro_runs_the_ingest_stage_into_the_projects_catalog(tmp_path):
     photo_set(project / "photos")
     init_catalog(project / "catalog", Config())
 
-    run(sys.executable, "-m", "dvc", "repro", "-q")
+    run(sys.executable, "-m", "dvc", "repro", "-q", "ingest")
 
     assert ds.dataset(project / "catalog" / "tables" / "images").to_table().num_rows == 6
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["ingest"]

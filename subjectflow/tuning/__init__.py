@@ -1,0 +1,1 @@
+"""Per-subject tuning: the shared training loop, LoRA adapters, and each method's objective."""

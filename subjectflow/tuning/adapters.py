@@ -1,0 +1,60 @@
+"""LoRA adapters on a diffusers UNet: add, snapshot, and save/load in diffusers' format.
+
+Saved files are exactly what `StableDiffusionPipeline.load_lora_weights` reads, so an
+adapter from the catalog works in any plain diffusers script.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+# Attention projections, as in diffusers' train_dreambooth_lora.py.
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA; returns its parameters (fp32, whatever the base dtype)."""
+    torch.manual_seed(seed)  # LoRA's random init (A matrices) must be reproducible
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    unet.add_adapter(config, adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def freeze_all_but(unet: UNet2DConditionModel, adapter_name: str | None) -> None:
+    # peft's set_adapter() marks every active adapter trainable; re-assert who trains.
+    for name, p in unet.named_parameters():
+        p.requires_grad_(adapter_name is not None and f".{adapter_name}." in name)
+
+
+def adapter_state(unet: UNet2DConditionModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()}
+
+
+def load_adapter_state(unet: UNet2DConditionModel, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+    set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+
+
+def lora_file_bytes(unet: UNet2DConditionModel, adapter_name: str) -> bytes:
+    """The adapter as a diffusers LoRA safetensors file."""
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=WEIGHT_NAME)
+        return (Path(tmp) / WEIGHT_NAME).read_bytes()
+
+
+def load_lora_file(unet: UNet2DConditionModel, path: Path, adapter_name: str) -> None:
+    """Load a diffusers LoRA file into `unet` under `adapter_name` (frozen)."""
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name)
+    unet.load_lora_adapter(state, prefix="unet", adapter_name=adapter_name)

@@ -1,0 +1,143 @@
+"""The one training loop every method shares: optimise, log, checkpoint, resume.
+
+A method supplies an `Objective` (its trainable parameters and a loss for one
+micro-batch); the loop owns everything else, in diffusers' training-script order:
+optimizer -> resume from the newest `checkpoint-{step}` -> loop -> checkpoint -> result.
+
+Resuming gives the same result as never stopping: all randomness of a step (which
+photos, which noise, which timesteps) comes from a generator seeded by (seed, step,
+micro-batch), and a checkpoint holds the adapter and the optimizer state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from ..config import TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+KEEP_CHECKPOINTS = 2
+
+
+class Objective(Protocol):
+    """What a method gives the loop."""
+
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def adapter_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per optimiser step
+    resumed_from: int | None = None
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
+    # Distinct, reproducible streams per (step, micro-batch), independent of history.
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 64 + micro)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=config.weight_decay)
+
+
+def checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in work_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and (path / "state.pt").exists():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _save_checkpoint(work_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
+                     history: list[dict[str, float]]) -> None:
+    # Written beside, then renamed into place: a kill mid-save never leaves a checkpoint
+    # that looks complete but is not.
+    tmp = work_dir / f".{CHECKPOINT_PREFIX}{step}.{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, "adapter": objective.adapter_state(), "optimizer": optimizer.state_dict(),
+                "history": history}, tmp / "state.pt")
+    final = work_dir / f"{CHECKPOINT_PREFIX}{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, old in checkpoints(work_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train(
+    objective: Objective,
+    config: TrainConfig,
+    work_dir: Path,
+    steps: int,
+    learning_rate: float,
+    autocast_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run `steps` optimiser steps, resuming from `work_dir`'s newest checkpoint.
+
+    `stop_after` ends the run early (as an interruption would), after checkpointing.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    params = objective.parameters()
+    optimizer = make_optimizer(params, config, learning_rate)
+    result = TrainResult(steps)
+    start = 0
+    found = checkpoints(work_dir)
+    if found:
+        start, path = found[-1]
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        objective.load_adapter_state(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        result.history = list(state["history"])
+        result.resumed_from = start
+
+    device_type = torch.device(device).type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
+                else contextlib.nullcontext())
+    accumulation = config.gradient_accumulation
+    with tqdm(total=steps, initial=start, desc="train", unit="step", disable=None) as progress:
+        for step in range(start, steps):
+            totals: dict[str, float] = {}
+            for micro in range(accumulation):
+                with autocast:
+                    loss, metrics = objective.loss(step_generator(config.seed, step, micro, device))
+                (loss / accumulation).backward()
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value / accumulation
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"step": float(step + 1), **totals}
+            result.history.append(row)
+            if on_step:
+                on_step(step + 1, row)
+            progress.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}")
+            progress.update(1)
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == steps or done == stop_after:
+                _save_checkpoint(work_dir, done, objective, optimizer, result.history)
+            if done == stop_after:
+                break
+    return result

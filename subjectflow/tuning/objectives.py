@@ -1,0 +1,116 @@
+"""Each method's batch and loss for the shared loop (`loop.train`).
+
+SFT: DreamBooth-LoRA; noise a subject photo's latent at a uniform timestep and regress
+     the noise under the instance prompt (plus, optionally, prior preservation).
+SFO: METHODS.md section 1; a positive (a real photo) and its CDNS negative are noised
+     with the same eps and logit-normal t; the policy (SFT + SFO LoRAs) is pushed to
+     denoise the positive better than the negative, relative to the frozen SFT reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..methods.sfo import denoising_target, noised_pair, sfo_loss, sft_loss, targets
+from .adapters import adapter_state, freeze_all_but, load_adapter_state
+
+Metrics = dict[str, float]
+
+
+def _pick(latents: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator, device=generator.device)
+    return latents[index.to(latents.device)]
+
+
+def _unet_eps(unet: UNet2DConditionModel, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """One UNet call; inputs in the UNet's dtype, the prediction back in fp32 for the loss."""
+    dtype = unet.dtype
+    states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)
+    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=states).sample.float()
+
+
+@dataclass
+class SftObjective:
+    unet: UNet2DConditionModel
+    scheduler: object
+    instance_latents: torch.Tensor  # [N, C, h, w] of the subject's photos
+    instance_embeds: torch.Tensor  # [1, L, D] of "a photo of sks <class>"
+    trainable: list[torch.nn.Parameter]
+    batch_size: int = 1
+    adapter_name: str = "sft"
+    class_latents: torch.Tensor | None = None  # prior preservation: base-model class images
+    class_embeds: torch.Tensor | None = None
+    prior_weight: float = 1.0
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.trainable
+
+    def _denoise(self, x0: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        steps = int(self.scheduler.config.num_train_timesteps)
+        t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        return _unet_eps(self.unet, noisy, t, embeds), denoising_target(self.scheduler, x0, noise, t)
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
+        pred, target = self._denoise(_pick(self.instance_latents, self.batch_size, generator), self.instance_embeds, generator)
+        if self.class_latents is None:
+            return sft_loss(pred, target)
+        prior_pred, prior_target = self._denoise(_pick(self.class_latents, self.batch_size, generator),
+                                                 self.class_embeds, generator)
+        return sft_loss(pred, target, prior_pred, prior_target, self.prior_weight)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.unet, self.adapter_name)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.unet, state, self.adapter_name)
+
+
+@dataclass
+class SfoObjective:
+    unet: UNet2DConditionModel  # carries the frozen "sft" adapter and the trainable "sfo" one
+    scheduler: object
+    positive_latents: torch.Tensor  # [N, C, h, w]
+    negative_latents: torch.Tensor  # [N, C, h, w]; row i is a CDNS negative of positive i
+    embeds: torch.Tensor  # [1, L, D]: the shared condition c of each pair
+    trainable: list[torch.nn.Parameter]
+    beta: float = 1000.0
+    batch_size: int = 1
+    reference: str = "sft"
+    adapter_name: str = "sfo"
+    _policy: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.positive_latents.shape != self.negative_latents.shape:
+            raise ValueError("every positive needs exactly one negative in the same row")
+        self._policy = [self.reference, self.adapter_name]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.trainable
+
+    def _predict(self, adapters: list[str], noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.unet.set_adapters(adapters)
+        freeze_all_but(self.unet, self.adapter_name)
+        return _unet_eps(self.unet, noisy, t, self.embeds)
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
+        index = torch.randint(0, self.positive_latents.shape[0], (self.batch_size,), generator=generator,
+                              device=generator.device).to(self.positive_latents.device)
+        pos, neg = self.positive_latents[index], self.negative_latents[index]
+        pair = noised_pair(pos, neg, self.scheduler, generator)
+        noisy, t = pair.stacked()  # one UNet call scores both halves
+        with torch.no_grad():
+            ref_pos, ref_neg = self._predict([self.reference], noisy, t).chunk(2)
+        policy_pos, policy_neg = self._predict(self._policy, noisy, t).chunk(2)
+        target_pos, target_neg = targets(pair, pos, neg, self.scheduler)
+        return sfo_loss(policy_pos, policy_neg, ref_pos, ref_neg, target_pos, target_neg, self.beta)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.unet, self.adapter_name)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.unet, state, self.adapter_name)

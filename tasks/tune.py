@@ -1,0 +1,101 @@
+"""Tuning tasks: plan which subjects need adapters, tune one subject, make negatives, sample.
+
+Work that holds a model takes a device slot (one per GPU, one on a CPU-only machine),
+so mapped subjects queue for devices instead of fighting over memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.settings import PREFECT_API_URL
+
+from subjectflow.catalog import Catalog
+from subjectflow.config import Config
+from subjectflow.tuning.generate import current_adapter, generate_samples
+from subjectflow.tuning.runs import (
+    TuneOutcome, base_model_id, load_subject, needs_tuning, negatives_for_subject, open_model, tune_subject,
+)
+
+GPU_LIMIT = "subjectflow-gpu"
+SLOT_TIMEOUT_S = 6 * 3600  # longer than any one subject's tuning; then fail, never hang
+
+
+def device_slots() -> int:
+    return torch.cuda.device_count() or 1
+
+
+_local_slots = threading.BoundedSemaphore(device_slots())
+
+
+def _uses_server() -> bool:
+    """True when runs report to a Prefect server (deployments, `prefect server start`).
+
+    Without one, the CLI's temporary server keeps its database but runs no lease-expiry
+    service, so a slot held by a killed run would never come back; a single process
+    needs no server-side limit anyway.
+    """
+    return bool(PREFECT_API_URL.value())
+
+
+@contextlib.contextmanager
+def device_slot() -> Iterator[None]:
+    if not _uses_server():
+        with _local_slots:
+            yield
+        return
+    try:
+        with concurrency(GPU_LIMIT, occupy=1, strict=True, timeout_seconds=SLOT_TIMEOUT_S):
+            yield
+    except TimeoutError:
+        raise TimeoutError(
+            f"waited {SLOT_TIMEOUT_S}s for a '{GPU_LIMIT}' slot; if no other run is using the devices, "
+            f"a crashed run still holds one: `prefect gcl update {GPU_LIMIT} --active-slots 0`") from None
+
+
+@task(name="ensure-gpu-limit", retries=2, retry_delay_seconds=2)
+def ensure_gpu_limit_task(slots: int) -> None:
+    if _uses_server():
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+
+
+@task(name="plan-tuning")
+def needs_tuning_task(catalog_root: Path, method: str, config: Config) -> list[str]:
+    catalog = Catalog.open(catalog_root)
+    return needs_tuning(catalog, method, config, base_model_id(catalog, config))
+
+
+@task(name="tune-subject", task_run_name="tune-{subject}-{method}")
+def tune_subject_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
+    with device_slot():
+        catalog = Catalog.open(catalog_root)
+        parts, base = open_model(catalog, config)
+        return tune_subject(catalog, subject, method, config, parts, base, say=get_run_logger().info)
+
+
+@task(name="make-negatives", task_run_name="negatives-{subject}")
+def negatives_task(catalog_root: Path, subject: str, config: Config) -> TuneOutcome:
+    with device_slot():
+        catalog = Catalog.open(catalog_root)
+        parts, base = open_model(catalog, config)
+        return negatives_for_subject(catalog, subject, config, parts, base, say=get_run_logger().info)
+
+
+@task(name="generate-samples", task_run_name="generate-{subject}-{method}")
+def generate_task(catalog_root: Path, subject: str | None, method: str, prompt: str, n: int, config: Config,
+                  adapter_id: str | None = None) -> list[dict]:
+    with device_slot():
+        catalog = Catalog.open(catalog_root)
+        parts, base = open_model(catalog, config)
+        found = load_subject(catalog, subject) if subject else None
+        if adapter_id is None and method != "base":
+            adapter_id = current_adapter(catalog, found, method, config, base)
+        return generate_samples(catalog, config, parts, base, prompt, n, found, adapter_id, method)

@@ -1,0 +1,72 @@
+"""The shared training loop and LoRA adapters on the real tiny model."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from subjectflow.catalog.layout import MODELS_DIR
+from subjectflow.tuning.runs import load_subject, open_model, train_sft
+from tests.tuning.conftest import ingested_catalog, tiny_config
+
+
+def lora_tensors(catalog, row):
+    return load_file(catalog.blob_path(row["file"]))
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    config = tiny_config()
+    straight = ingested_catalog(tmp_path / "a")
+    parts, base = open_model(straight, config)
+    done = train_sft(straight, load_subject(straight, "red_mug"), config, parts, base)
+
+    resumed = ingested_catalog(tmp_path / "b")
+    parts, base = open_model(resumed, config)
+    subject = load_subject(resumed, "red_mug")
+    interrupted = train_sft(resumed, subject, config, parts, base, stop_after=3)
+    assert interrupted == {"adapter_id": done["adapter_id"], "interrupted_at": 3}
+    parts, base = open_model(resumed, config)  # a new process would start from scratch
+    finished = train_sft(resumed, subject, config, parts, base)
+
+    assert finished["adapter_id"] == done["adapter_id"] and finished["final_loss"] == done["final_loss"]
+    a, b = lora_tensors(straight, done), lora_tensors(resumed, finished)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = sorted({r["step"] for r in resumed.read("train_log").to_pylist() if r["metric"] == "loss"})
+    assert steps == list(range(1, 7))  # the resumed history continues the interrupted one
+
+
+def test_an_adapter_loads_into_a_plain_diffusers_pipeline_and_changes_its_output(two_subjects):
+    config = tiny_config(train={"steps": 8, "learning_rate": 5e-2})
+    parts, base = open_model(two_subjects, config)
+    row = train_sft(two_subjects, load_subject(two_subjects, "blue_box"), config, parts, base)
+
+    pipe = StableDiffusionPipeline.from_pretrained(two_subjects.root / MODELS_DIR / "tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return np.asarray(pipe("a photo of sks box", num_inference_steps=2, height=32, width=32,
+                               generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
+
+    before = sample()
+    path = two_subjects.blob_path(row["file"])
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    after = sample()
+    assert np.abs(after - before).mean() > 0.5
+
+
+@pytest.mark.parametrize("option", [
+    {"train": {"optimizer": "sgd"}},
+    {"train": {"gradient_accumulation": 2, "batch_size": 2}},
+    {"train": {"gradient_checkpointing": True}},
+    {"sft": {"prior_preservation": True, "class_images": 2}},
+])
+def test_every_training_option_runs_a_step(tmp_path, option):
+    config = tiny_config(**{k: {**v, **({"steps": 1} if k == "train" else {})} for k, v in option.items()},
+                         **({} if "train" in option else {"train": {"steps": 1}}))
+    catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=2)
+    parts, base = open_model(catalog, config)
+    row = train_sft(catalog, load_subject(catalog, "vase"), config, parts, base)
+    assert row["steps"] == 1 and np.isfinite(row["final_loss"])
+    metrics = {r["metric"] for r in catalog.read("train_log").to_pylist()}
+    assert ("prior_loss" in metrics) == bool(option.get("sft", {}).get("prior_preservation"))
