@@ -62,8 +62,8 @@ def test_an_adapter_loads_into_a_plain_diffusers_pipeline_and_changes_its_output
     {"sft": {"prior_preservation": True, "class_images": 2}},
 ])
 def test_every_training_option_runs_a_step(tmp_path, option):
-    config = tiny_config(**{k: {**v, **({"steps": 1} if k == "train" else {})} for k, v in option.items()},
-                         **({} if "train" in option else {"train": {"steps": 1}}))
+    one_step = {"train": {"steps": 1, **option.get("train", {})}}
+    config = tiny_config(**{**option, **one_step})
     catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=2)
     parts, base = open_model(catalog, config)
     row = train_sft(catalog, load_subject(catalog, "vase"), config, parts, base)
