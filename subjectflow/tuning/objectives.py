@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..methods.sfo import denoising_target, noised_pair, sfo_loss, sft_loss, targets
-from .adapters import adapter_state, freeze_all_but, load_adapter_state
+from .adapters import adapter_state, load_adapter_state
 
 Metrics = dict[str, float]
 
@@ -83,18 +83,23 @@ class SfoObjective:
     reference: str = "sft"
     adapter_name: str = "sfo"
     _policy: list[str] = field(init=False)
+    _reference_params: list[torch.nn.Parameter] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.positive_latents.shape != self.negative_latents.shape:
             raise ValueError("every positive needs exactly one negative in the same row")
         self._policy = [self.reference, self.adapter_name]
+        self._reference_params = [p for n, p in self.unet.named_parameters() if f".{self.reference}." in n]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
 
     def _predict(self, adapters: list[str], noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.unet.set_adapters(adapters)
-        freeze_all_but(self.unet, self.adapter_name)
+        # peft's set_adapter() marks every active adapter trainable; the reference
+        # must stay frozen (only its own parameters need resetting, not the whole UNet).
+        for p in self._reference_params:
+            p.requires_grad_(False)
         return _unet_eps(self.unet, noisy, t, self.embeds)
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
