@@ -18,6 +18,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from threads, and on a 2-core machine torch's OpenMP
+    threads competing with any other process (an ingest worker, a server) make each
+    UNet call up to ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 

@@ -25,16 +25,6 @@ def file_hashes(folder: Path, pattern: str = "*") -> dict[str, str]:
             for p in sorted(folder.rglob(pattern)) if p.is_file()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's ops are too small to share out, and on a busy CI box torch's
-    spinning worker threads made a 0.1 s generation take 5 s; one thread is steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("models")
