@@ -1,0 +1,185 @@
+"""JeDi coupled self-attention (METHODS.md section 2).
+
+Zeng et al., "JeDi: Joint-Image Diffusion Models for Finetuning-Free Personalized
+Text-to-Image Generation", CVPR 2024, arXiv 2407.06187. There is no official code and the
+paper's exact layer details are not available, so this is "our choice" as METHODS.md
+section 2 describes it: the images of one subject form a set, and in every self-attention
+layer (attn1) the queries of image i attend to the keys/values of *all* images of its set,
+concatenated along the token axis:
+
+    K_set = [K_1; ...; K_N],  V_set = [V_1; ...; V_N]    (token axis, one set of N images)
+    out_i = softmax(Q_i K_set^T · scale) V_set           (per head), then the out projection
+
+Cross-attention (attn2) is untouched: each image keeps its own caption. A batch is laid
+out as consecutive sets of `set_size` images, so putting the classifier-free-guidance
+halves in separate sets (e.g. [uncond set..., cond set...]) means they never mix. With
+`set_size == 1` every set is one image and the layer is plain self-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # diffusers only for annotations: callers hand us their own modules
+    from diffusers.models.attention_processor import Attention
+
+# Key suffix of a self-attention processor in a diffusers UNet's `attn_processors` dict
+# (BasicTransformerBlock names its self-attention `attn1`, its cross-attention `attn2`).
+SELF_ATTENTION_SUFFIX = "attn1.processor"
+
+
+def _join_sets(x: torch.Tensor, set_size: int) -> torch.Tensor:
+    """[B, heads, L, d] -> [B/set_size, heads, set_size*L, d]: a set's tokens side by side."""
+    batch, heads, tokens, dim = x.shape
+    x = x.reshape(batch // set_size, set_size, heads, tokens, dim).transpose(1, 2)
+    return x.reshape(batch // set_size, heads, set_size * tokens, dim)
+
+
+def _split_sets(x: torch.Tensor, set_size: int) -> torch.Tensor:
+    """Inverse of `_join_sets`: [B/set_size, heads, set_size*L, d] -> [B, heads, L, d]."""
+    sets, heads, set_tokens, dim = x.shape
+    x = x.reshape(sets, heads, set_size, set_tokens // set_size, dim).transpose(1, 2)
+    return x.reshape(sets * set_size, heads, set_tokens // set_size, dim)
+
+
+class CoupledSelfAttnProcessor:
+    """Coupled self-attention for one set layout (METHODS.md section 2, JeDi, arXiv 2407.06187).
+
+    A drop-in diffusers attention processor for self-attention layers that follows
+    `AttnProcessor2_0` step by step (spatial norm, 4-D inputs, group norm, q/k norms,
+    residual connection, output rescaling) except that keys and values are shared within
+    each set of `set_size` consecutive batch images. Queries are joined the same way, which
+    is equivalent (every query sees the same keys) and lets one SDPA call serve a whole set;
+    outputs are split back per image.
+    """
+
+    def __init__(self, set_size: int) -> None:
+        if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
+            raise ValueError(f"CoupledSelfAttnProcessor: set_size must be an int >= 1, got {set_size!r}")
+        self.set_size = set_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(set_size={self.set_size})"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        # Extra positional args / a `scale` kwarg are what AttnProcessor2_0 accepts and ignores
+        # (deprecated LoRA scale); we accept them too so the call sites need not change.
+        if encoder_hidden_states is not None:
+            raise ValueError(
+                "CoupledSelfAttnProcessor is for self-attention (attn1) only, but it was called with "
+                "encoder_hidden_states (cross-attention); leave attn2 processors as they are "
+                "(couple_unet does)"
+            )
+        set_size = self.set_size
+        batch_size = hidden_states.shape[0]
+        if batch_size % set_size:
+            raise ValueError(
+                f"CoupledSelfAttnProcessor: batch size {batch_size} is not a multiple of set_size "
+                f"{set_size}; lay the batch out as whole sets (with classifier-free guidance, "
+                f"each guidance half as its own set(s))"
+            )
+        if attention_mask is not None and set_size > 1:
+            # A per-image mask has no agreed meaning over another image's keys; SD UNets pass none to attn1.
+            raise ValueError(
+                f"CoupledSelfAttnProcessor: attention_mask is not supported with set_size {set_size} > 1"
+            )
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            _, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        sequence_length = hidden_states.shape[1]
+
+        if attention_mask is not None:  # set_size == 1 here: exactly AttnProcessor2_0's handling
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:  # per image, before coupling: normalisation stats stay per image
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # The coupling: one SDPA call per set over the set's concatenated tokens. attn.scale is
+        # SDPA's default unless the layer was built with scale_qk=False, where diffusers' own
+        # default processor (AttnProcessor) also uses attn.scale.
+        hidden_states = F.scaled_dot_product_attention(
+            _join_sets(query, set_size), _join_sets(key, set_size), _join_sets(value, set_size),
+            attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale,
+        )
+        hidden_states = _split_sets(hidden_states, set_size)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def couple_unet(unet: torch.nn.Module, set_size: int) -> dict[str, Any]:
+    """Install `CoupledSelfAttnProcessor(set_size)` on every self-attention (attn1) layer.
+
+    METHODS.md section 2 (JeDi, arXiv 2407.06187): only self-attention is coupled; the
+    cross-attention (attn2) processors are kept as the very same objects. Returns the
+    previous processors, keyed as in `unet.attn_processors`; restore them with
+    `unet.set_attn_processor(previous)` (note that diffusers empties the dict it is given).
+    """
+    processor = CoupledSelfAttnProcessor(set_size)  # stateless, so one instance serves every layer
+    previous = dict(unet.attn_processors)
+    if not any(name.endswith(SELF_ATTENTION_SUFFIX) for name in previous):
+        raise ValueError(
+            f"couple_unet: {type(unet).__name__} has no self-attention processors named "
+            f"'*.{SELF_ATTENTION_SUFFIX}'; JeDi coupling needs a diffusers UNet with transformer blocks"
+        )
+    coupled_processors = {
+        name: processor if name.endswith(SELF_ATTENTION_SUFFIX) else old for name, old in previous.items()
+    }
+    unet.set_attn_processor(coupled_processors)
+    return previous
+
+
+@contextmanager
+def coupled(unet: torch.nn.Module, set_size: int) -> Iterator[torch.nn.Module]:
+    """Run `unet` with coupled self-attention inside the block; the previous processors come
+    back on exit, also after an error (METHODS.md section 2)."""
+    previous = couple_unet(unet, set_size)
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(dict(previous))  # a copy: set_attn_processor pops what it is given

@@ -1,0 +1,172 @@
+"""JeDi coupled self-attention on the tiny UNet and on a bare Attention layer, checked
+against the plain model and a direct computation (METHODS.md section 2, "Verify")."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from subjectflow.methods.jedi import CoupledSelfAttnProcessor, couple_unet, coupled
+from subjectflow.models.tiny import build_pipeline
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def unet():
+    model = build_pipeline(seed=0).unet.float().eval()
+    model.requires_grad_(False)
+    return model
+
+
+def denoise(unet, latents: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """One UNet call with per-image timesteps and captions fixed by `seed`."""
+    batch = latents.shape[0]
+    timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(seed))
+    text = randn(batch, 77, 32, seed=seed + 1)
+    with torch.no_grad():
+        return unet(latents, timesteps, encoder_hidden_states=text).sample
+
+
+def perturbed(latents: torch.Tensor, j: int) -> torch.Tensor:
+    out = latents.clone()
+    out[j] += randn(*latents.shape[1:], seed=99)
+    return out
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_set_size_one_reproduces_the_plain_model(unet):
+    latents = randn(2, 4, 16, 16, seed=0)
+    plain = denoise(unet, latents)
+    with coupled(unet, 1):
+        single = denoise(unet, latents)
+    torch.testing.assert_close(single, plain, atol=1e-5, rtol=0)
+
+
+def test_coupling_lets_one_image_change_another(unet):
+    latents = randn(3, 4, 16, 16, seed=0)
+    i, j = 0, 2
+    plain = max_diff(denoise(unet, latents)[i], denoise(unet, perturbed(latents, j))[i])
+    with coupled(unet, 3):
+        joint = max_diff(denoise(unet, latents)[i], denoise(unet, perturbed(latents, j))[i])
+    assert plain < 1e-7
+    assert joint > 1e-4
+
+
+def test_guidance_halves_never_mix(unet):
+    latents = randn(6, 4, 16, 16, seed=0)  # [uncond set of 3, cond set of 3]
+    with coupled(unet, 3):
+        base = denoise(unet, latents)
+        moved = denoise(unet, perturbed(latents, 4))
+    for i in range(3):
+        assert max_diff(base[i], moved[i]) < 1e-7, f"image {i} of the first set saw the second set"
+    for i in (3, 5):
+        assert max_diff(base[i], moved[i]) > 1e-4, f"image {i} did not see image 4 of its own set"
+
+
+def test_batch_must_hold_whole_sets(unet):
+    with coupled(unet, 3), pytest.raises(ValueError, match="not a multiple of set_size 3"):
+        denoise(unet, randn(2, 4, 16, 16, seed=0))
+
+
+def test_cross_attention_is_refused():
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    with pytest.raises(ValueError, match="self-attention"):
+        CoupledSelfAttnProcessor(2)(attn, randn(2, 5, 8, seed=0), randn(2, 3, 6, seed=1))
+
+
+@pytest.mark.parametrize("set_size", [0, -1, 1.0, True])
+def test_set_size_must_be_a_positive_int(set_size):
+    with pytest.raises(ValueError, match="set_size"):
+        CoupledSelfAttnProcessor(set_size)
+
+
+def test_processors_are_restored_and_attn2_never_replaced(unet):
+    before = unet.attn_processors
+    assert any(k.endswith("attn1.processor") for k in before)
+    assert any(k.endswith("attn2.processor") for k in before)
+    with coupled(unet, 2):
+        during = unet.attn_processors
+        for key, proc in during.items():
+            if key.endswith("attn1.processor"):
+                assert isinstance(proc, CoupledSelfAttnProcessor) and proc.set_size == 2
+            else:
+                assert proc is before[key], key
+    after = unet.attn_processors
+    assert after.keys() == before.keys()
+    assert all(type(after[k]) is type(before[k]) for k in before)
+    assert not any(isinstance(p, CoupledSelfAttnProcessor) for p in after.values())
+
+
+def test_couple_unet_returns_what_restores(unet):
+    before = {k: type(p) for k, p in unet.attn_processors.items()}
+    previous = couple_unet(unet, 2)
+    assert {k: type(p) for k, p in previous.items()} == before
+    unet.set_attn_processor(previous)
+    assert {k: type(p) for k, p in unet.attn_processors.items()} == before
+
+
+def test_restored_after_an_error_inside_the_block(unet):
+    with pytest.raises(RuntimeError), coupled(unet, 2):
+        raise RuntimeError("boom")
+    assert not any(isinstance(p, CoupledSelfAttnProcessor) for p in unet.attn_processors.values())
+
+
+def manual_coupled(attn: Attention, x: torch.Tensor, set_size: int) -> torch.Tensor:
+    """Written out: per set, K/V over the set's concatenated tokens, per-head softmax, out projection."""
+    heads, outputs = attn.heads, []
+    for start in range(0, x.shape[0], set_size):
+        members = x[start:start + set_size]
+        tokens = members.reshape(1, -1, x.shape[-1])  # [1, set*L, C]
+        k, v = attn.to_k(tokens)[0], attn.to_v(tokens)[0]
+        for image in members:
+            q = attn.to_q(image)
+            d = q.shape[-1] // heads
+            per_head = []
+            for h in range(heads):
+                qh, kh, vh = q[:, h * d:(h + 1) * d], k[:, h * d:(h + 1) * d], v[:, h * d:(h + 1) * d]
+                weights = torch.softmax(qh @ kh.T / d ** 0.5, dim=-1)
+                per_head.append(weights @ vh)
+            outputs.append(attn.to_out[0](torch.cat(per_head, dim=-1)))
+    return torch.stack(outputs)
+
+
+def test_matches_a_direct_computation():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    x = randn(4, 5, 8, seed=0)  # two sets of two images, five tokens each
+    with torch.no_grad():
+        got = CoupledSelfAttnProcessor(2)(attn, x)
+        want = manual_coupled(attn, x, 2)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_four_d_input_group_norm_residual_and_rescale():
+    """Image-shaped input, group norm, residual and rescale as AttnProcessor2_0 applies them:
+    set size 1 equals it, and set size 2 equals the direct computation on the normed tokens."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, norm_num_groups=2, residual_connection=True,
+                     rescale_output_factor=2.0).eval()
+    x = randn(4, 8, 3, 3, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(CoupledSelfAttnProcessor(1)(attn, x), AttnProcessor2_0()(attn, x),
+                                   atol=1e-6, rtol=0)
+        got = CoupledSelfAttnProcessor(2)(attn, x)
+        tokens = x.flatten(2).transpose(1, 2)
+        normed = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        want = (manual_coupled(attn, normed, 2) + tokens) / 2.0
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(x.shape), atol=1e-6, rtol=0)
+
+
+def test_spatial_norm_with_set_size_one_equals_the_plain_processor():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=4, spatial_norm_dim=3).eval()
+    x, temb = randn(2, 32, 2, 2, seed=0), randn(2, 3, 2, 2, seed=1)
+    with torch.no_grad():
+        got = CoupledSelfAttnProcessor(1)(attn, x, temb=temb)
+        want = AttnProcessor2_0()(attn, x, temb=temb)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
