@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/tune.py
 
 clean-demo:
 	rm -rf .demo
