@@ -7,8 +7,8 @@ from subjectflow.methods.sfo import logit_normal_timesteps
 from subjectflow.tuning.adapters import load_lora_file
 from subjectflow.tuning.data import encode_latents, encode_prompt, instance_prompt, load_images
 from subjectflow.tuning.runs import (
-    find_adapter, load_subject, negative_pipeline, negatives_for_subject, open_model, render_negative, train_sfo,
-    tune_subject,
+    find_adapter, load_subject, negative_pipeline, negatives_for_subject, open_model, planned_negatives,
+    render_negative, target_adapter_id, train_sfo, tune_subject,
 )
 from tests.tuning.conftest import ingested_catalog, tiny_config
 
@@ -22,6 +22,13 @@ def test_sfo_resolves_its_dependencies_then_reuses_them(two_subjects):
     assert any("starts from an SFT adapter" in s for s in said) and any("CDNS negatives" in s for s in said)
     again = tune_subject(two_subjects, "red_mug", "sfo", config, parts, base, say=said.append)
     assert again.made == [] and again.adapter["adapter_id"] == first.adapter["adapter_id"]
+    # Changing any degradation parameter names new negatives (and so a new SFO adapter).
+    subject = load_subject(two_subjects, "red_mug")
+    stronger = tiny_config(negatives={"steps": 4, "strength": 0.7})
+    old_ids = {nid for nid, _, _ in planned_negatives(subject, config, first.adapter["parent_adapter_id"], base)}
+    new_ids = {nid for nid, _, _ in planned_negatives(subject, stronger, first.adapter["parent_adapter_id"], base)}
+    assert old_ids and not old_ids & new_ids
+    assert target_adapter_id(subject, "sfo", stronger, base) != first.adapter["adapter_id"]
     sfo = find_adapter(two_subjects, first.adapter["adapter_id"])
     assert sfo["method"] == "sfo" and find_adapter(two_subjects, sfo["parent_adapter_id"])["method"] == "sft"
     metrics = {r["metric"] for r in two_subjects.read("train_log").to_pylist() if r["adapter_id"] == sfo["adapter_id"]}
