@@ -132,7 +132,6 @@ class VersioningConfig(_Section):
     # Off only for callers that version themselves (e.g. `dvc repro` commits its own lock).
     enabled: bool = True
     push: bool = True
-    lock_timeout_s: float = Field(600.0, ge=0)
 
 
 class Config(_Section):

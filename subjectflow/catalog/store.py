@@ -31,6 +31,10 @@ MANIFEST = "catalog.json"
 FORMAT = "subjectflow-catalog"
 FORMAT_VERSION = 1
 LOCK_FILE = ".lock"
+# How long a writer waits for another one; an operational knob of the machine running
+# the flows (like PREFECT_* settings), not a parameter of the data, so not in params.yaml.
+LOCK_TIMEOUT_ENV = "SUBJECTFLOW_LOCK_TIMEOUT_S"
+DEFAULT_LOCK_TIMEOUT_S = 600.0
 
 
 class CatalogError(RuntimeError):
@@ -92,7 +96,7 @@ class Catalog:
 
     root: Path
     manifest: dict = field(default_factory=dict)
-    lock_timeout_s: float = 600.0
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -117,8 +121,10 @@ class Catalog:
         return catalog
 
     @classmethod
-    def open(cls, root: Path, lock_timeout_s: float = 600.0) -> "Catalog":
+    def open(cls, root: Path, lock_timeout_s: float | None = None) -> "Catalog":
         root = Path(root).resolve()
+        if lock_timeout_s is None:
+            lock_timeout_s = float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S))
         manifest_path = root / MANIFEST
         if not manifest_path.exists():
             raise CatalogNotFound(
@@ -205,7 +211,7 @@ class Catalog:
             raise CatalogBusy(
                 f"catalog {self.root} is locked by another writer ({self.root / LOCK_FILE}) "
                 f"for over {self.lock_timeout_s:.0f}s; wait for that run to finish, or raise "
-                "versioning.lock_timeout_s"
+                f"{LOCK_TIMEOUT_ENV}"
             ) from None
         try:
             yield self

@@ -130,7 +130,7 @@ def test_a_second_writer_gives_up_with_a_clear_message_after_the_timeout(catalog
     try:
         assert ready.wait(60)
         impatient = Catalog.open(catalog.root, lock_timeout_s=0.3)
-        with pytest.raises(CatalogBusy, match="locked by another writer"):
+        with pytest.raises(CatalogBusy, match="locked by another writer.*SUBJECTFLOW_LOCK_TIMEOUT_S"):
             with impatient.writer():
                 pass
     finally:
@@ -156,3 +156,8 @@ def test_upsert_on_a_composite_key_with_a_numeric_part(catalog):
     catalog.upsert("train_log", log([(1, 0.5), (2, 0.4)]))
     catalog.upsert("train_log", log([(2, 0.3), (3, 0.2)]))
     assert sorted((r["step"], r["value"]) for r in catalog.read("train_log").to_pylist()) == [(1, 0.5), (2, 0.3), (3, 0.2)]
+
+
+def test_the_lock_timeout_comes_from_the_environment(catalog, monkeypatch):
+    monkeypatch.setenv("SUBJECTFLOW_LOCK_TIMEOUT_S", "42")
+    assert Catalog.open(catalog.root).lock_timeout_s == 42.0
