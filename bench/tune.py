@@ -8,7 +8,8 @@ All rows share one UNet, one set of inputs and the same LoRAs ("sft" rank --rank
   bare SFO      no-grad reference pass (SFT adapter only), policy pass (SFT + SFO) on the
                 stacked positive/negative batch, DPO-style loss, backward, step.
   pipeline SFO  loop.train(SfoObjective(...)), as train_sfo runs it.
-"vs bare" = pipeline steps/s / bare steps/s (target >= 0.95).
+"vs bare" = pipeline steps/s / bare steps/s, best against best; "paired" = the median of
+that ratio within each round (neighbours in time); the target is >= 0.95 for both.
 
 Models: tiny = the project's build_pipeline(seed=0) UNet, 64 px -> 32x32 latents; sd15 =
 SD 1.5's UNet architecture, random weights (speed does not depend on them; nothing is
@@ -18,7 +19,8 @@ the project encodes them once per run, outside the training step.
 Timing: --steps steps after --warmup. Pipeline rows are timed between train()'s on_step
 callbacks, so one-off costs (optimizer, checkpoint lookup, the final checkpoint train()
 always writes) are left out; the final checkpoint's time is printed apart. Each row keeps
-its best of --rounds interleaved rounds (order reversed every other round).
+its best of --rounds interleaved rounds (order reversed every other round). Each row also
+records the cores other processes used meanwhile; "paired" skips rounds above QUIET.
 Memory: CUDA: max_memory_allocated, reset per row. CPU: the process's RSS high-water mark
 (VmHWM, reset per row via /proc/self/clear_refs): coarse, as it includes the model, Python
 and allocator caches; "+MiB" is above the row's starting RSS.
