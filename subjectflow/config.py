@@ -128,6 +128,74 @@ class GenerateConfig(_Section):
     seed: int = 0
 
 
+class AugmentConfig(_Section):
+    """Limits of the random augmentations that turn a few photos into many joint sets."""
+
+    background: float = Field(0.5, ge=0, le=1)  # chance the background is replaced (via the mask)
+    min_crop: float = Field(0.75, gt=0, le=1)  # smallest crop side, as a fraction of the photo
+    flip: bool = True
+    brightness: float = Field(0.2, ge=0, le=1)  # colour jitter: factor drawn from 1 +/- this
+    contrast: float = Field(0.2, ge=0, le=1)
+    saturation: float = Field(0.2, ge=0, le=1)
+    hue: float = Field(0.02, ge=0, le=0.5)  # fraction of the hue circle
+
+
+class SyntheticSetsConfig(_Section):
+    """Sets the base model draws itself: one collage of an object, split into its panels."""
+
+    enabled: bool = False
+    per_subject: int = Field(2, ge=0)
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(7.5, ge=0)
+    min_coverage: float = Field(0.05, ge=0, le=1)  # a panel's mask must show an object
+    min_similarity: float = Field(0.6, ge=-1, le=1)  # colour-histogram similarity to the real photos
+
+
+class JointSetsConfig(_Section):
+    """Joint-image training sets for JeDi (METHODS.md section 2)."""
+
+    set_size: int = Field(3, ge=2, le=8)
+    sets_per_subject: int = Field(8, ge=1)
+    resolution: int = Field(512, ge=16, le=4096)
+    shard_rows: int = Field(512, ge=1)  # members per Parquet shard: the streaming unit
+    seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+    synthetic: SyntheticSetsConfig = SyntheticSetsConfig()
+
+
+class JointConfig(_Section):
+    """The JeDi joint-image model: training (on joint sets) and set-completion sampling."""
+
+    enabled: bool = True  # train it in the `tune` stage and the refresh
+    weights: Literal["lora", "unet"] = "lora"
+    lora_rank: int = Field(16, ge=1)
+    steps: int = Field(1000, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    sets_per_step: int = Field(1, ge=1)
+    # Reference slots at sampling: "noised" re-noises the reference latents to the current t
+    # (inpainting style, what the model saw in training); "clean" keeps them at t=0.
+    references: Literal["noised", "clean"] = "noised"
+    max_references: int = Field(3, ge=1)
+    image_guidance: float = Field(2.0, ge=0)  # s_I
+    text_guidance: float = Field(7.5, ge=0)  # s_T
+
+
+class EvaluateConfig(_Section):
+    """Scoring generated images the way the field does (DreamBench-style)."""
+
+    methods: tuple[str, ...] = ("sft", "sfo", "jedi")
+    prompts: int = Field(4, ge=1)  # how many of the project's prompt templates
+    images_per_prompt: int = Field(2, ge=1)
+    seed: int = 0
+    # Local folders or hub ids already in the local cache; nothing is downloaded.
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "openai/clip-vit-base-patch32"
+    # When a scoring model is not available: "random-test" scores with tiny random models
+    # of the same classes (flagged everywhere, for testing only); "error" stops.
+    fallback: Literal["random-test", "error"] = "random-test"
+    proxy: bool = True  # also the weight-free masked colour/edge proxy, labelled as such
+
+
 class VersioningConfig(_Section):
     # Off only for callers that version themselves (e.g. `dvc repro` commits its own lock).
     enabled: bool = True
@@ -142,6 +210,9 @@ class Config(_Section):
     sfo: SfoConfig = SfoConfig()
     negatives: NegativesConfig = NegativesConfig()
     generate: GenerateConfig = GenerateConfig()
+    jointsets: JointSetsConfig = JointSetsConfig()
+    joint: JointConfig = JointConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     versioning: VersioningConfig = VersioningConfig()
 
     def digest(self) -> str:

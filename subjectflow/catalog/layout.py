@@ -53,14 +53,24 @@ STAGES: dict[str, Stage] = {
             always_changed=True,
         ),
         Stage(
-            name="tune",
-            # Negatives live here: SFT -> CDNS negatives -> SFO is one per-subject chain.
-            tables=("negatives", "adapters", "train_log"),
-            blob_kinds=("negatives", "adapters"),
-            dirs=(MODELS_DIR,),
-            params=("model", "train", "sft", "sfo", "negatives"),
-            command="subjectflow tune --all --catalog {catalog} --no-version",
+            name="jointsets",
+            tables=("jointsets",),
+            blob_kinds=("jointsets",),
+            params=("jointsets",),
+            command="subjectflow jointsets --catalog {catalog} --no-version",
             needs=("subjects", "images"),
+        ),
+        Stage(
+            name="tune",
+            # Negatives live here: SFT -> CDNS negatives -> SFO is one per-subject chain,
+            # and JeDi negatives need the joint model trained in the same stage.
+            tables=("negatives", "adapters", "models", "train_log"),
+            blob_kinds=("negatives", "adapters", "models"),
+            dirs=(MODELS_DIR,),
+            params=("model", "train", "sft", "sfo", "negatives", "joint"),
+            command="subjectflow train-joint --catalog {catalog} --no-version"
+                    " && subjectflow tune --all --catalog {catalog} --no-version",
+            needs=("subjects", "images", "jointsets"),
         ),
         Stage(
             name="generate",
@@ -69,6 +79,15 @@ STAGES: dict[str, Stage] = {
             params=("model", "generate"),
             command="subjectflow generate --all --catalog {catalog} --no-version",
             needs=("adapters",),
+        ),
+        Stage(
+            name="evaluate",
+            # `runs` rides here: the run history is reporting, read with the metrics.
+            tables=("metrics", "runs"),
+            blob_kinds=("evaluations",),
+            params=("model", "evaluate"),
+            command="subjectflow evaluate --catalog {catalog} --no-version",
+            needs=("adapters", "models"),
         ),
     )
 }

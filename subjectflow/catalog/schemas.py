@@ -154,7 +154,7 @@ TRAIN_LOG = TableSpec(
     version=1,
     key=("adapter_id", "step", "metric"),
     fields=(
-        pa.field("adapter_id", pa.string(), nullable=False),
+        pa.field("adapter_id", pa.string(), nullable=False),  # an adapter_id, or a `models` model_id
         pa.field("step", pa.int32(), nullable=False),
         pa.field("metric", pa.string(), nullable=False),
         pa.field("value", pa.float64(), nullable=False),
@@ -181,7 +181,94 @@ SAMPLES = TableSpec(
     ),
 )
 
+# One member of a JeDi joint-image set (METHODS.md section 2). Pixels live in sharded
+# Parquet files (`blobs/jointsets/`) so a trainer can stream sets shard by shard; this
+# table says where each member came from and how it was augmented.
+JOINTSETS = TableSpec(
+    "jointsets",
+    version=1,
+    key=("set_id", "member"),
+    fields=(
+        pa.field("set_id", pa.string(), nullable=False),  # hash of its members' provenance
+        pa.field("member", pa.int32(), nullable=False),  # position in the set, 0..set_size-1
+        pa.field("set_size", pa.int32(), nullable=False),
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),  # photo | synthetic
+        pa.field("image_id", pa.string(), nullable=True),  # the source photo; null when synthetic
+        pa.field("augmentation", pa.string(), nullable=False),  # JSON: every parameter applied
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # blob path of the Parquet shard holding its pixels
+        pa.field("builder", pa.string(), nullable=False),  # hash of the jointsets settings that made it
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
+# Models shared across subjects: the JeDi joint-image model and LoRAs trained on it
+# (zero-shot SFO). Per-subject adapters stay in `adapters`.
+MODELS = TableSpec(
+    "models",
+    version=1,
+    key=("model_id",),
+    fields=(
+        pa.field("model_id", pa.string(), nullable=False),  # hash of method, params, inputs
+        pa.field("method", pa.string(), nullable=False),  # jedi | sfo-joint
+        pa.field("weights", pa.string(), nullable=False),  # lora | unet
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("parent_model_id", pa.string(), nullable=True),  # sfo-joint sits on a jedi model
+        pa.field("file", pa.string(), nullable=False),  # safetensors: diffusers LoRA or UNet state dict
+        pa.field("params", pa.string(), nullable=False),
+        pa.field("inputs_hash", pa.string(), nullable=False),  # joint sets (and negatives) it saw
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("final_loss", pa.float64(), nullable=False),
+        pa.field("trained_on_version", pa.int32(), nullable=True),
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
+# One score per row, so a trend across catalog versions is a filter and a group-by.
+METRICS = TableSpec(
+    "metrics",
+    version=1,
+    key=("evaluation_id", "metric"),
+    fields=(
+        pa.field("evaluation_id", pa.string(), nullable=False),  # hash of what was generated and how scored
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("model_ref", pa.string(), nullable=True),  # adapter_id or model_id that generated
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),  # dino, clip_i, clip_t, mdino, mclip_i, diversity, ...
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),  # name@hash of the prompts
+        pa.field("seeds", pa.list_(pa.int64()), nullable=False),
+        pa.field("n_images", pa.int32(), nullable=False),
+        pa.field("scorer", pa.string(), nullable=False),  # model name@version that scored
+        pa.field("scorer_kind", pa.string(), nullable=False),  # pretrained | random-test | proxy
+        pa.field("catalog_version", pa.int32(), nullable=True),  # the version the scored model was made at
+        pa.field("evaluated_at", TIMESTAMP, nullable=False),
+    ),
+)
+
+# One row per pipeline run: what ran, what was reused, what failed and why.
+RUNS = TableSpec(
+    "runs",
+    version=1,
+    key=("run_id",),
+    fields=(
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("flow", pa.string(), nullable=False),
+        pa.field("started_at", TIMESTAMP, nullable=False),
+        pa.field("finished_at", TIMESTAMP, nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # completed | partial | failed
+        pa.field("ran", pa.list_(pa.string()), nullable=False),
+        pa.field("reused", pa.list_(pa.string()), nullable=False),
+        pa.field("failures", pa.string(), nullable=False),  # JSON list of {"item", "error"}
+        pa.field("catalog_version", pa.int32(), nullable=True),
+        pa.field("summary", pa.string(), nullable=False),
+    ),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES)
+    for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES,
+                 JOINTSETS, MODELS, METRICS, RUNS)
 }
