@@ -21,6 +21,9 @@ class TableSpec:
     version: int
     key: tuple[str, ...]  # columns that identify a row; upserts replace on these
     fields: tuple[pa.Field, ...]
+    # Nullable columns added after version 1, with the version that added them: a table
+    # written by an older release reads with these as nulls, so catalogs upgrade in place.
+    added: tuple[tuple[str, int], ...] = ()
 
     @property
     def schema(self) -> pa.Schema:
@@ -163,7 +166,7 @@ TRAIN_LOG = TableSpec(
 
 SAMPLES = TableSpec(
     "samples",
-    version=1,
+    version=2,
     key=("sample_id",),
     fields=(
         pa.field("sample_id", pa.string(), nullable=False),
@@ -178,7 +181,10 @@ SAMPLES = TableSpec(
         pa.field("base_model", pa.string(), nullable=False),
         pa.field("file", pa.string(), nullable=False),
         pa.field("created_at", TIMESTAMP, nullable=False),
+        pa.field("model_id", pa.string(), nullable=True),  # a `models` row (JeDi) that generated it
+        pa.field("params", pa.string(), nullable=True),  # JSON of method-specific settings
     ),
+    added=(("model_id", 2), ("params", 2)),
 )
 
 # One member of a JeDi joint-image set (METHODS.md section 2). Pixels live in sharded

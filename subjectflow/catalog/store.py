@@ -171,6 +171,8 @@ class Catalog:
             return spec.schema.empty_table()
         table = pq.read_table(path)
         found = int((table.schema.metadata or {}).get(VERSION_KEY, b"0"))
+        if 0 < found < spec.version:
+            return _upgrade(table, found, spec, path)
         if found != spec.version:
             raise CatalogError(
                 f"table {name!r} at {path} has schema version {found}, this subjectflow "
@@ -238,6 +240,22 @@ class Catalog:
 
     def blob_path(self, rel: str) -> Path:
         return self.root / rel
+
+
+def _upgrade(table: pa.Table, found: int, spec: TableSpec, path: Path) -> pa.Table:
+    """A table written at schema version `found` < current, with the columns added since
+    filled with nulls (see TableSpec.added); it is rewritten at the current version by the
+    next write."""
+    for column, since in spec.added:
+        if since > found and column not in table.schema.names:
+            field = spec.schema.field(column)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    try:
+        table = table.select(spec.schema.names).cast(spec.schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise CatalogError(f"table {spec.name!r} at {path} has schema version {found} and cannot be read "
+                           f"as version {spec.version}: {exc}") from exc
+    return table.replace_schema_metadata(spec.schema.metadata)
 
 
 def _row_keys(table: pa.Table, spec: TableSpec) -> pa.Array:

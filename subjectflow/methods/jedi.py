@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,19 @@ class CoupledSelfAttnProcessor:
     """
 
     def __init__(self, set_size: int) -> None:
-        if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
-            raise ValueError(f"CoupledSelfAttnProcessor: set_size must be an int >= 1, got {set_size!r}")
         self.set_size = set_size
+
+    @property
+    def set_size(self) -> int:
+        return self._set_size
+
+    @set_size.setter
+    def set_size(self, value: int) -> None:
+        # Settable, so one installed processor serves calls with different set layouts
+        # (set completion runs the reference-free guidance term as sets of one).
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"CoupledSelfAttnProcessor: set_size must be an int >= 1, got {value!r}")
+        self._set_size = value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(set_size={self.set_size})"
@@ -152,12 +162,13 @@ class CoupledSelfAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def couple_unet(unet: torch.nn.Module, set_size: int) -> dict[str, Any]:
+def couple_unet(unet: torch.nn.Module, set_size: int) -> tuple[CoupledSelfAttnProcessor, dict[str, Any]]:
     """Install `CoupledSelfAttnProcessor(set_size)` on every self-attention (attn1) layer.
 
     METHODS.md section 2 (JeDi, arXiv 2407.06187): only self-attention is coupled; the
     cross-attention (attn2) processors are kept as the very same objects. Returns the
-    previous processors, keyed as in `unet.attn_processors`; restore them with
+    installed processor (its `set_size` may be changed between calls) and the previous
+    processors, keyed as in `unet.attn_processors`; restore them with
     `unet.set_attn_processor(previous)` (note that diffusers empties the dict it is given).
     """
     processor = CoupledSelfAttnProcessor(set_size)  # stateless, so one instance serves every layer
@@ -171,15 +182,94 @@ def couple_unet(unet: torch.nn.Module, set_size: int) -> dict[str, Any]:
         name: processor if name.endswith(SELF_ATTENTION_SUFFIX) else old for name, old in previous.items()
     }
     unet.set_attn_processor(coupled_processors)
-    return previous
+    return processor, previous
 
 
 @contextmanager
-def coupled(unet: torch.nn.Module, set_size: int) -> Iterator[torch.nn.Module]:
+def coupled(unet: torch.nn.Module, set_size: int) -> Iterator[CoupledSelfAttnProcessor]:
     """Run `unet` with coupled self-attention inside the block; the previous processors come
     back on exit, also after an error (METHODS.md section 2)."""
-    previous = couple_unet(unet, set_size)
+    processor, previous = couple_unet(unet, set_size)
     try:
-        yield unet
+        yield processor
     finally:
         unet.set_attn_processor(dict(previous))  # a copy: set_attn_processor pops what it is given
+
+
+# -- personalisation as set completion --------------------------------------------------
+
+ReferenceMode = Literal["noised", "clean"]
+
+
+def compositional_guidance(e_none: torch.Tensor, e_image: torch.Tensor, e_full: torch.Tensor,
+                           image_scale: float, text_scale: float) -> torch.Tensor:
+    """METHODS.md section 2, image guidance in compositional form:
+
+        e = e(z,∅,∅) + s_I·[e(z,refs,∅) − e(z,∅,∅)] + s_T·[e(z,refs,text) − e(z,refs,∅)]
+    """
+    return e_none + image_scale * (e_image - e_none) + text_scale * (e_full - e_image)
+
+
+@torch.no_grad()
+def complete_set(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    references: torch.Tensor,  # [K, C, h, w] clean reference latents (K may be 0)
+    reference_embeds: torch.Tensor,  # [K, L, D] the references' captions
+    prompt_embeds: torch.Tensor,  # [1, L, D] the new images' prompt
+    null_embeds: torch.Tensor,  # [1, L, D] the empty prompt
+    n_new: int,
+    steps: int,
+    image_scale: float,
+    text_scale: float,
+    reference_mode: ReferenceMode = "noised",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate `n_new` latents [n_new, C, h, w] as the unknown members of a joint set whose
+    known members are the references (JeDi inference, METHODS.md section 2).
+
+    Each step denoises the set [references; new] with coupled self-attention. The reference
+    slots are overwritten before every UNet call: "noised" puts them at the current t with
+    one fixed noise draw (inpainting style, and what training showed the model: every member
+    of a set at the same t); "clean" keeps them at t=0 and tells the UNet so through
+    per-image timesteps. Only the new slots are stepped by the scheduler.
+
+    The three guidance terms take two UNet calls: one batch of two sets ([refs; new] with the
+    new images' text empty, then with the prompt; the references keep their captions in
+    both), and the reference-free term as sets of one (the new images alone, empty text).
+    """
+    if reference_mode not in ("noised", "clean"):
+        raise ValueError(f"reference_mode must be 'noised' or 'clean', got {reference_mode!r}")
+    k = references.shape[0]
+    size = k + n_new
+    device = references.device
+    dtype = next(unet.parameters()).dtype
+    scheduler.set_timesteps(steps, device=device)
+    shape = (n_new, *references.shape[1:])
+    latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
+    latents = latents * scheduler.init_noise_sigma
+    reference_noise = torch.randn(references.shape, generator=generator,
+                                  device=generator.device if generator else "cpu").to(device)
+    new_null, new_text = null_embeds.expand(n_new, -1, -1), prompt_embeds.expand(n_new, -1, -1)
+    sets_text = torch.cat([reference_embeds, new_null, reference_embeds, new_text]).to(device, dtype)
+    null_text = new_null.to(device, dtype)
+
+    with coupled(unet, size) as processor:
+        for t in scheduler.timesteps:
+            if reference_mode == "noised":
+                known = scheduler.add_noise(references, reference_noise, t.expand(k)) if k else references
+                known_t = t
+            else:
+                known, known_t = references, torch.zeros_like(t)
+            members = scheduler.scale_model_input(torch.cat([known, latents]), t)
+            member_t = torch.cat([known_t.expand(k), t.expand(n_new)]).repeat(2)
+
+            processor.set_size = size
+            eps = unet(torch.cat([members, members]).to(dtype), member_t, encoder_hidden_states=sets_text).sample
+            e_image, e_full = eps[k:size].float(), eps[size + k:].float()
+            processor.set_size = 1
+            e_none = unet(members[k:].to(dtype), t, encoder_hidden_states=null_text).sample.float()
+
+            guided = compositional_guidance(e_none, e_image, e_full, image_scale, text_scale)
+            latents = scheduler.step(guided, t, latents).prev_sample
+    return latents

@@ -31,7 +31,7 @@ def _unet_eps(unet: UNet2DConditionModel, dtype: torch.dtype, noisy: torch.Tenso
 
     `dtype` is passed in because `unet.dtype` walks every parameter (ms per call on SD 1.5).
     """
-    states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)
+    states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)  # [1 or B, L, D] -> [B, L, D]
     return unet(noisy.to(dtype), timesteps, encoder_hidden_states=states).sample.float()
 
 
@@ -79,16 +79,19 @@ class SftObjective:
 
 @dataclass
 class SfoObjective:
-    unet: UNet2DConditionModel  # carries the frozen "sft" adapter and the trainable "sfo" one
+    unet: UNet2DConditionModel  # carries the frozen reference adapter and the trainable "sfo" one
     scheduler: object
     positive_latents: torch.Tensor  # [N, C, h, w]
     negative_latents: torch.Tensor  # [N, C, h, w]; row i is a CDNS negative of positive i
-    embeds: torch.Tensor  # [1, L, D]: the shared condition c of each pair
+    embeds: torch.Tensor  # [1, L, D] the shared condition c of every pair, or [N, L, D] one per pair
     trainable: list[torch.nn.Parameter]
     beta: float = 1000.0
     batch_size: int = 1
     reference: str = "sft"
     adapter_name: str = "sfo"
+    # Zero-shot SFO on the JeDi model: row i is a known member shown beside pair i in a set
+    # of two, noised with its own draw at the pair's t; the UNet must be coupled (set size 2).
+    context_latents: torch.Tensor | None = None
     _policy: list[str] = field(init=False)
     _reference_params: list[torch.nn.Parameter] = field(init=False)
     _dtype: torch.dtype = field(init=False)
@@ -96,6 +99,8 @@ class SfoObjective:
     def __post_init__(self) -> None:
         if self.positive_latents.shape != self.negative_latents.shape:
             raise ValueError("every positive needs exactly one negative in the same row")
+        if self.context_latents is not None and self.context_latents.shape != self.positive_latents.shape:
+            raise ValueError("every pair needs exactly one context member in the same row")
         self._policy = [self.reference, self.adapter_name]
         self._reference_params = [p for n, p in self.unet.named_parameters() if f".{self.reference}." in n]
         self._dtype = self.unet.dtype
@@ -103,13 +108,19 @@ class SfoObjective:
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
 
-    def _predict(self, adapters: list[str], noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _predict(self, adapters: list[str], noisy: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                 context: torch.Tensor | None) -> torch.Tensor:
         self.unet.set_adapters(adapters)
         # peft's set_adapter() marks every active adapter trainable; the reference
         # must stay frozen (only its own parameters need resetting, not the whole UNet).
         for p in self._reference_params:
             p.requires_grad_(False)
-        return _unet_eps(self.unet, self._dtype, noisy, t, self.embeds)
+        if context is None:
+            return _unet_eps(self.unet, self._dtype, noisy, t, embeds)
+        # Sets [context_i, member_i], laid out consecutively; only the members are scored.
+        sets = torch.stack([context, noisy], dim=1).flatten(0, 1)
+        eps = _unet_eps(self.unet, self._dtype, sets, t.repeat_interleave(2), embeds.repeat_interleave(2, dim=0))
+        return eps.unflatten(0, (noisy.shape[0], 2))[:, 1]
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
         index = torch.randint(0, self.positive_latents.shape[0], (self.batch_size,), generator=generator,
@@ -117,9 +128,15 @@ class SfoObjective:
         pos, neg = self.positive_latents[index], self.negative_latents[index]
         pair = noised_pair(pos, neg, self.scheduler, generator)
         noisy, t = pair.stacked()  # one UNet call scores both halves
+        embeds = (self.embeds if self.embeds.shape[0] == 1 else self.embeds[index]).expand(pos.shape[0], -1, -1).repeat(2, 1, 1)
+        context = None
+        if self.context_latents is not None:
+            known = self.context_latents[index]
+            noise = torch.randn(known.shape, generator=generator, device=generator.device).to(known.device)
+            context = self.scheduler.add_noise(known, noise, pair.timesteps).repeat(2, 1, 1, 1)
         with torch.no_grad():
-            ref_pos, ref_neg = self._predict([self.reference], noisy, t).chunk(2)
-        policy_pos, policy_neg = self._predict(self._policy, noisy, t).chunk(2)
+            ref_pos, ref_neg = self._predict([self.reference], noisy, t, embeds, context).chunk(2)
+        policy_pos, policy_neg = self._predict(self._policy, noisy, t, embeds, context).chunk(2)
         target_pos, target_neg = targets(pair, pos, neg, self.scheduler)
         return sfo_loss(policy_pos, policy_neg, ref_pos, ref_neg, target_pos, target_neg, self.beta)
 

@@ -9,7 +9,6 @@ makes a new one. `plan_subject` says what is missing or stale.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..catalog.layout import MODELS_DIR, WORK_DIR
 from ..catalog.schemas import ADAPTERS, IMAGES, NEGATIVES, SUBJECTS, TRAIN_LOG
 from ..catalog.store import CatalogError, utcnow
 from ..config import Config, stable_hash
+from ..ingest.photo import encode_png
 from ..methods.cdns import Degradation
 from ..models.loading import ModelParts, load_components, resolve_device, resolve_model_path
 from .adapters import add_lora, load_lora_file, lora_file_bytes
@@ -160,7 +160,7 @@ def train_sft(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
         objective = SftObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable,
                                  config.train.batch_size, "sft", class_latents, class_embeds, config.sft.prior_weight)
         result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.train.steps,
-                       config.train.learning_rate, _autocast(parts), parts.unet.device, stop_after)
+                       config.train.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
         if stop_after is not None and stop_after < config.train.steps:
             return {"adapter_id": adapter, "interrupted_at": stop_after}
         row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": "sft", "base_model": base,
@@ -171,7 +171,7 @@ def train_sft(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
         parts.unet.delete_adapters("sft")
 
 
-def _autocast(parts: ModelParts) -> torch.dtype | None:
+def autocast_dtype(parts: ModelParts) -> torch.dtype | None:
     return parts.unet.dtype if parts.unet.dtype != torch.float32 else None
 
 
@@ -214,9 +214,7 @@ def render_negative(pipe: StableDiffusionImg2ImgPipeline, reference_file: Path, 
     out = pipe(degradation.generic_prompt, image=degradation.degrade(reference), strength=degradation.strength,
                num_inference_steps=degradation.steps, guidance_scale=degradation.guidance,
                generator=torch.Generator("cpu").manual_seed(degradation.seed)).images[0]
-    buf = io.BytesIO()
-    out.save(buf, "PNG")
-    return buf.getvalue()
+    return encode_png(out)
 
 
 def make_negatives(catalog: Catalog, subject: Subject, config: Config, parts: ModelParts, base: str,
@@ -267,7 +265,7 @@ def train_sfo(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
         objective = SfoObjective(parts.unet, parts.noise_scheduler, positives, negative_latents, embeds, trainable,
                                  config.sfo.beta, config.train.batch_size)
         result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.sfo.steps,
-                       config.sfo.learning_rate, _autocast(parts), parts.unet.device, stop_after)
+                       config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
         if stop_after is not None and stop_after < config.sfo.steps:
             return {"adapter_id": adapter, "interrupted_at": stop_after}
         row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": "sfo", "base_model": base,

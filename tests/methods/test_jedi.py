@@ -104,7 +104,7 @@ def test_processors_are_restored_and_attn2_never_replaced(unet):
 
 def test_couple_unet_returns_what_restores(unet):
     before = {k: type(p) for k, p in unet.attn_processors.items()}
-    previous = couple_unet(unet, 2)
+    _, previous = couple_unet(unet, 2)
     assert {k: type(p) for k, p in previous.items()} == before
     unet.set_attn_processor(previous)
     assert {k: type(p) for k, p in unet.attn_processors.items()} == before
