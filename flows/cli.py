@@ -37,7 +37,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line flags as config overrides (section -> key -> value)."""
     flags = {("ingest", "workers"): "workers", ("ingest", "resolution"): "resolution",
              ("train", "steps"): "steps", ("sfo", "steps"): "sfo_steps", ("model", "base"): "model",
-             ("generate", "steps"): "sample_steps"}
+             ("generate", "steps"): "sample_steps", ("joint", "steps"): "joint_steps",
+             ("jointsets", "set_size"): "set_size"}
     overrides: dict[str, dict[str, Any]] = {}
     for (section, key), flag in flags.items():
         if getattr(args, flag, None) is not None:
@@ -96,11 +97,32 @@ def _subjects(args: argparse.Namespace) -> list[str] | None:
     return args.subject
 
 
+def cmd_jointsets(args: argparse.Namespace) -> int:
+    from flows.joint import jointsets_flow
+
+    catalog, config = _config(args)
+    run = jointsets_flow(str(catalog.root), args.subject or None, config)
+    print(run.report.summary())
+    return 0
+
+
+def cmd_train_joint(args: argparse.Namespace) -> int:
+    from flows.joint import train_joint_flow
+
+    catalog, config = _config(args)
+    if not config.joint.enabled:
+        print("joint.enabled is false in params.yaml: the JeDi joint model is not trained")
+        return 0
+    print(train_joint_flow(str(catalog.root), config).summary())
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from flows.tune import tune_flow
 
     catalog, config = _config(args)
-    run = tune_flow(str(catalog.root), args.method, _subjects(args), config)
+    subjects = None if args.target == "joint" else _subjects(args)
+    run = tune_flow(str(catalog.root), args.method, subjects, config, target=args.target)
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -109,7 +131,7 @@ def cmd_negatives(args: argparse.Namespace) -> int:
     from flows.tune import negatives_flow
 
     catalog, config = _config(args)
-    run = negatives_flow(str(catalog.root), args.subject or None, config)
+    run = negatives_flow(str(catalog.root), args.subject or None, config, generator=args.generator)
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -121,7 +143,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     subjects = _subjects(args)
     if subjects is None:
         subjects = sorted(catalog.read("subjects").column("subject_id").to_pylist())
-    samples = generate_flow(str(catalog.root), args.prompt, subjects, args.method, args.n, args.adapter, config)
+    samples = generate_flow(str(catalog.root), args.prompt, subjects, args.method, args.n, args.adapter, config,
+                            references=args.references)
     for row in samples:
         print(f"{row['subject_id'] or '-':<20} {row['method']:<5} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")
     return 0
@@ -215,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="override ingest.source from params.yaml")
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
+    p = command("jointsets", cmd_jointsets,
+                "build JeDi joint-image sets (augmented photos, optional synthetic collages) as sharded Parquet")
+    p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
+    p.add_argument("--set-size", type=int, help="images per set (default: jointsets.set_size)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
+    p = command("train-joint", cmd_train_joint,
+                "train the JeDi joint-image model (coupled self-attention) on the joint sets; resumes from checkpoints")
+    p.add_argument("--joint-steps", type=int, help="training steps (default: joint.steps)")
+    p.add_argument("--model", help="base model (default: model.base)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
     p = command("tune", cmd_tune, "train per-subject adapters: sft (DreamBooth-LoRA) or sfo (on CDNS negatives)")
     p.add_argument("--subject", action="append", help="subject to tune (repeatable)")
     p.add_argument("--all", action="store_true", help="every subject whose adapter is missing or stale")
@@ -222,12 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sfo makes its SFT adapter and negatives first when missing (default: sfo)")
     p.add_argument("--steps", type=int, help="SFT training steps (default: train.steps)")
     p.add_argument("--sfo-steps", type=int, help="SFO training steps (default: sfo.steps)")
+    p.add_argument("--target", choices=["subject", "joint"], default="subject",
+                   help="subject: one adapter per subject; joint: one zero-shot SFO LoRA on the JeDi model "
+                        "from every subject's CDNS pairs (default: subject)")
     p.add_argument("--model", help="base model: tiny-sd, a local diffusers folder or a cached hub id (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
     p = command("negatives", cmd_negatives, "make CDNS negatives (blurred reference + generic prompt) per photo")
     p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
+    p.add_argument("--generator", choices=["sft", "jedi"], default="sft",
+                   help="sft: the subject's SFT adapter, img2img; jedi: the joint model completing a set whose "
+                        "known member is the blurred photo (default: sft)")
     p.add_argument("--model", help="base model (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
@@ -237,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every subject")
     p.add_argument("--prompt", default="a photo of {subject}",
                    help="prompt; {subject} becomes the identifier + class noun (default: %(default)r)")
-    p.add_argument("--method", choices=["base", "sft", "sfo"], default="sfo", help="which adapter (default: sfo)")
+    p.add_argument("--method", choices=["base", "sft", "sfo", "jedi", "jedi-sfo"], default="sfo",
+                   help="base model, a subject adapter (sft, sfo), or JeDi set completion from the subject's photos, "
+                        "optionally with the zero-shot SFO LoRA (jedi, jedi-sfo) (default: sfo)")
+    p.add_argument("--references", type=int,
+                   help="jedi: how many of the subject's photos are the known set members (default: joint.max_references)")
     p.add_argument("--adapter", help="an adapter_id from the adapters table (overrides --method's choice)")
     p.add_argument("--n", type=int, default=1, help="images per subject (default: 1)")
     p.add_argument("--sample-steps", type=int, help="sampling steps (default: generate.steps)")

@@ -19,9 +19,14 @@ from prefect.settings import PREFECT_API_URL
 
 from subjectflow.catalog import Catalog
 from subjectflow.config import Config
-from subjectflow.tuning.generate import current_adapter, generate_samples
+from subjectflow.jointsets import JointSetsReport, build_jointsets
+from subjectflow.tuning.generate import current_adapter, generate_jedi_samples, generate_samples
+from subjectflow.tuning.joint import (
+    JEDI_METHODS, current_joint_model, current_sets, current_sfo_joint_model, make_jedi_negatives, train_joint, train_sfo_joint,
+)
 from subjectflow.tuning.runs import (
-    TuneOutcome, base_model_id, load_subject, needs_tuning, negatives_for_subject, open_model, tune_subject,
+    TuneOutcome, TuningError, base_model_id, load_subject, needs_tuning, negatives_for_subject, open_model,
+    tune_subject,
 )
 
 GPU_LIMIT = "subjectflow-gpu"
@@ -89,13 +94,71 @@ def negatives_task(catalog_root: Path, subject: str, config: Config) -> TuneOutc
         return negatives_for_subject(catalog, subject, config, parts, base, say=get_run_logger().info)
 
 
+@task(name="build-jointsets")
+def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | None = None) -> JointSetsReport:
+    catalog = Catalog.open(catalog_root)
+    extra = None
+    if config.jointsets.synthetic.enabled:
+        from subjectflow.jointsets.synthetic import synthetic_planner
+
+        parts, base = open_model(catalog, config)
+        extra = synthetic_planner(parts, base, config)
+    return build_jointsets(catalog, config.jointsets, subjects, extra, say=get_run_logger().info)
+
+
+@task(name="train-joint")
+def train_joint_task(catalog_root: Path, config: Config) -> dict:
+    """The current joint model, trained (or resumed) when missing."""
+    with device_slot():
+        catalog = Catalog.open(catalog_root)
+        parts, base = open_model(catalog, config)
+        try:
+            return {**current_joint_model(catalog, config, base), "made": False}
+        except TuningError:
+            get_run_logger().info("training the JeDi joint model on %d joint sets", len(current_sets(catalog, config)))
+            return {**train_joint(catalog, config, parts, base), "made": True}
+
+
+@task(name="jedi-negatives", task_run_name="jedi-negatives-{subject}")
+def jedi_negatives_task(catalog_root: Path, subject: str, config: Config) -> TuneOutcome:
+    with device_slot():
+        catalog = Catalog.open(catalog_root)
+        parts, base = open_model(catalog, config)
+        model = current_joint_model(catalog, config, base)
+        found = load_subject(catalog, subject)
+        have = set(catalog.read("negatives").column("negative_id").to_pylist())
+        negatives = make_jedi_negatives(catalog, found, config, parts, base, model)
+        made = sum(n["negative_id"] not in have for n in negatives)
+        return TuneOutcome(found.name, "negatives (jedi)", model, [f"{made} negatives"] if made else [],
+                           [f"{len(negatives) - made} negatives"] if len(negatives) > made else [], negatives)
+
+
+@task(name="tune-sfo-joint")
+def sfo_joint_task(catalog_root: Path, config: Config) -> TuneOutcome:
+    with device_slot():
+        catalog = Catalog.open(catalog_root)
+        parts, base = open_model(catalog, config)
+        model = current_joint_model(catalog, config, base)
+        have = set(catalog.read("models").column("model_id").to_pylist())
+        row = train_sfo_joint(catalog, config, parts, base, model, say=get_run_logger().info)
+        made = row["model_id"] not in have
+        return TuneOutcome("all subjects", "sfo (joint)", row, [f"sfo-joint model {row['model_id']}"] if made else [],
+                           [] if made else [f"sfo-joint model {row['model_id']}"])
+
+
 @task(name="generate-samples", task_run_name="generate-{subject}-{method}")
 def generate_task(catalog_root: Path, subject: str | None, method: str, prompt: str, n: int, config: Config,
-                  adapter_id: str | None = None) -> list[dict]:
+                  adapter_id: str | None = None, references: int | None = None) -> list[dict]:
     with device_slot():
         catalog = Catalog.open(catalog_root)
         parts, base = open_model(catalog, config)
         found = load_subject(catalog, subject) if subject else None
+        if method in JEDI_METHODS:
+            if found is None:
+                raise TuningError("JeDi generation completes a subject's photo set: name a subject")
+            model = current_joint_model(catalog, config, base)
+            sfo = current_sfo_joint_model(catalog, config, base, model) if method == "jedi-sfo" else None
+            return generate_jedi_samples(catalog, config, parts, base, prompt, n, found, model, references, sfo)
         if adapter_id is None and method != "base":
             adapter_id = current_adapter(catalog, found, method, config, base)
         return generate_samples(catalog, config, parts, base, prompt, n, found, adapter_id, method)

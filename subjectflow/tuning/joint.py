@@ -21,7 +21,7 @@ from safetensors.torch import load, save
 
 from ..catalog import Catalog, list_versions
 from ..catalog.layout import WORK_DIR
-from ..catalog.schemas import JOINTSETS, MODELS, NEGATIVES, TRAIN_LOG
+from ..catalog.schemas import JOINTSETS, MODELS, NEGATIVES, SUBJECTS, TRAIN_LOG
 from ..catalog.store import utcnow
 from ..config import Config, stable_hash
 from ..ingest.photo import encode_png
@@ -37,6 +37,7 @@ from .runs import Subject, TuningError, autocast_dtype, load_subject, negative_i
 
 JEDI = "jedi"
 SFO_JOINT = "sfo-joint"
+JEDI_METHODS = ("jedi", "jedi-sfo")  # sampling methods: the joint model, and with its zero-shot SFO LoRA
 # Not "sfo": diffusers filters its missing-key warnings by substring, and "sfo" is in "transformer".
 SFO_ADAPTER = "sfo_joint"
 NEGATIVE_GENERATOR = "jedi"
@@ -241,8 +242,7 @@ def make_jedi_negatives(catalog: Catalog, subject: Subject, config: Config, part
     """METHODS.md section 1 with JeDi as the generator: each negative completes a set whose
     one known member is the blurred photo, under the generic prompt. Existing ones are reused."""
     existing = {r["negative_id"]: r for r in catalog.read(NEGATIVES.name).to_pylist()}
-    planned = [(negative_id(image["image_id"], d, NEGATIVE_GENERATOR, model["model_id"], base), image, d)
-               for _, image, d in planned_negatives(subject, config, model["model_id"], base)]
+    planned = _jedi_negative_plan(subject, config, base, model)
     todo = [p for p in planned if p[0] not in existing]
     if todo:
         names = install_joint_model(catalog, parts, model)
@@ -278,16 +278,45 @@ def sfo_joint_params(config: Config, base: str, parent: str) -> dict:
             "negatives": config.negatives.model_dump(), "train": config.train.model_dump()}
 
 
+def tunable_subjects(catalog: Catalog) -> list[Subject]:
+    """Every subject with at least one ingested photo."""
+    subjects = []
+    for name in sorted(catalog.read(SUBJECTS.name).column("subject_id").to_pylist()):
+        try:
+            subjects.append(load_subject(catalog, name))
+        except TuningError:  # every photo quarantined
+            continue
+    return subjects
+
+
+def _jedi_negative_plan(subject: Subject, config: Config, base: str, model: dict) -> list:
+    return [(negative_id(image["image_id"], d, NEGATIVE_GENERATOR, model["model_id"], base), image, d)
+            for _, image, d in planned_negatives(subject, config, model["model_id"], base)]
+
+
+def sfo_joint_negative_ids(catalog: Catalog, config: Config, base: str, model: dict) -> list[str]:
+    """The JeDi negatives zero-shot SFO trains on: every subject's, planned (none is made)."""
+    return [nid for subject in tunable_subjects(catalog) for nid, _, _ in _jedi_negative_plan(subject, config, base, model)]
+
+
+def current_sfo_joint_model(catalog: Catalog, config: Config, base: str, model: dict) -> dict:
+    params = sfo_joint_params(config, base, model["model_id"])
+    row = find_model(catalog, stable_hash([params, sorted(sfo_joint_negative_ids(catalog, config, base, model))]))
+    if row is None:
+        raise TuningError(f"no current zero-shot SFO model on the joint model; train it with "
+                          f"`subjectflow tune --method sfo --target joint --catalog {catalog.root}`")
+    return row
+
+
 def train_sfo_joint(catalog: Catalog, config: Config, parts: ModelParts, base: str, model: dict,
-                    subjects: list[str], say: Callable[[str], None] = print, stop_after: int | None = None) -> dict:
+                    say: Callable[[str], None] = print, stop_after: int | None = None) -> dict:
     """One SFO LoRA on the (LoRA) joint model from the CDNS pairs of every subject: each pair
     is scored as the unknown member of a set of two whose known member is another photo of
     the same subject, so the LoRA learns fidelity to references rather than to one subject."""
     if model["weights"] != "lora":
         raise TuningError("zero-shot SFO needs a LoRA joint model (joint.weights: lora) as its frozen reference")
     positives, negatives, contexts, captions, negative_ids = [], [], [], [], []
-    for name in subjects:
-        subject = load_subject(catalog, name)
+    for subject in tunable_subjects(catalog):
         made = make_jedi_negatives(catalog, subject, config, parts, base, model)
         files = {r["image_id"]: r["normalised_file"] for r in subject.images}
         order = [r["image_id"] for r in subject.images]

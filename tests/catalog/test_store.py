@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from subjectflow.catalog import TABLES, Catalog, CatalogBusy, CatalogError, CatalogNotFound
-from subjectflow.catalog.schemas import SOURCE_FILES, VERSION_KEY
+from subjectflow.catalog.schemas import SAMPLES, SOURCE_FILES, VERSION_KEY
 from subjectflow.catalog.store import utcnow
 
 
@@ -161,3 +161,16 @@ def test_upsert_on_a_composite_key_with_a_numeric_part(catalog):
 def test_the_lock_timeout_comes_from_the_environment(catalog, monkeypatch):
     monkeypatch.setenv("SUBJECTFLOW_LOCK_TIMEOUT_S", "42")
     assert Catalog.open(catalog.root).lock_timeout_s == 42.0
+
+
+def test_a_table_from_an_older_schema_version_reads_with_its_new_columns_as_nulls(catalog):
+    old_fields = [f for f in SAMPLES.schema if f.name not in dict(SAMPLES.added)]
+    old_schema = pa.schema(old_fields, metadata={**SAMPLES.schema.metadata, VERSION_KEY: b"1"})
+    row = {f.name: None for f in old_fields} | {
+        "sample_id": "s1", "method": "sft", "prompt": "p", "seed": 0, "steps": 1, "guidance": 1.0, "resolution": 32,
+        "base_model": "tiny", "file": "blobs/samples/x.png", "created_at": utcnow()}
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), catalog.table_dir("samples") / "data.parquet")
+
+    table = catalog.read("samples")
+    assert table.schema.equals(SAMPLES.schema) and table.to_pylist()[0]["model_id"] is None
+    assert table.to_pylist()[0]["sample_id"] == "s1"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from subjectflow.methods.jedi import CoupledSelfAttnProcessor, couple_unet, coupled
+from subjectflow.methods.jedi import CoupledSelfAttnProcessor, complete_set, compositional_guidance, couple_unet, coupled
 from subjectflow.models.tiny import build_pipeline
 
 
@@ -170,3 +170,54 @@ def test_spatial_norm_with_set_size_one_equals_the_plain_processor():
         got = CoupledSelfAttnProcessor(1)(attn, x, temb=temb)
         want = AttnProcessor2_0()(attn, x, temb=temb)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+# -- set completion -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import DDIMScheduler
+
+    pipeline = build_pipeline(seed=0)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def embed(pipe, text: str) -> torch.Tensor:
+    ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def complete(pipe, references, image_scale=2.0, text_scale=5.0, mode="noised", steps=4):
+    return complete_set(pipe.unet, pipe.scheduler, references, embed(pipe, "a photo of a mug").expand(len(references), -1, -1),
+                        embed(pipe, "a mug on the beach"), embed(pipe, ""), 1, steps, image_scale, text_scale, mode,
+                        torch.Generator().manual_seed(0))
+
+
+def test_compositional_guidance_is_the_methods_formula():
+    e_none, e_image, e_full = randn(3, seed=1), randn(3, seed=2), randn(3, seed=3)
+    got = compositional_guidance(e_none, e_image, e_full, 1.5, 4.0)
+    torch.testing.assert_close(got, e_none + 1.5 * (e_image - e_none) + 4.0 * (e_full - e_image))
+
+
+def test_without_references_and_unit_image_scale_it_is_plain_classifier_free_guidance(pipe):
+    want = pipe("a mug on the beach", num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+    got = complete(pipe, torch.zeros(0, 4, 16, 16), image_scale=1.0, text_scale=5.0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_references_steer_the_new_image_only_through_the_image_terms(pipe):
+    refs, other = randn(2, 4, 16, 16, seed=5), randn(2, 4, 16, 16, seed=6)
+    assert max_diff(complete(pipe, refs), complete(pipe, other)) > 1e-3
+    # s_I = s_T = 0 leaves only e(z, ∅, ∅): the references must not matter at all.
+    torch.testing.assert_close(complete(pipe, refs, 0.0, 0.0), complete(pipe, other, 0.0, 0.0), atol=0, rtol=0)
+
+
+def test_clean_and_noised_reference_slots_differ_and_bad_modes_are_refused(pipe):
+    refs = randn(1, 4, 16, 16, seed=5)
+    assert max_diff(complete(pipe, refs, mode="clean"), complete(pipe, refs, mode="noised")) > 1e-4
+    with pytest.raises(ValueError, match="reference_mode"):
+        complete(pipe, refs, mode="sharp")
