@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup browser demo test bench clean-demo
 
 # torch goes in first and pinned: here that resolves to a local CPU wheel, and
 # the project's own `torch>=2.4` is then already satisfied.
@@ -20,7 +20,20 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/subjectflow demo
 
-test: setup
+# The dashboard's browser test drives Debian's own Chromium through its chromedriver, so
+# nothing downloads a browser at test time; with both installed this is two `test -x`.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+
+browser:
+	@for f in $(BROWSER); do test -x $$f || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  command -v apt-get >/dev/null || { echo >&2 "the browser test needs $(BROWSER) (Debian: chromium, chromium-driver) and there is no apt-get here to install them"; exit 1; }; \
+	  echo "installing chromium and chromium-driver for the dashboard's browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || { echo >&2 "apt-get could not install chromium and chromium-driver (it needs root); install them, then rerun"; exit 1; }; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 bench: setup

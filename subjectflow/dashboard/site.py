@@ -1,0 +1,327 @@
+"""Build the dashboard: a static site of one catalog, readable offline from disk.
+
+The site is plain files with relative links (index.html, subjects-N.html,
+subject/<id>.html, thumbs/, style.css), so it opens from file://, and can be moved or
+zipped. A build is written into a hidden staging folder beside `out_dir` and swapped in
+at the end: a crash leaves the previous site, never a half-written one.
+
+Thumbnails are named after what they shrink (a blob path, or a shard path plus member;
+blobs are content-addressed, so the name pins the pixels) and a rebuild hard-links
+them from the previous site instead of decoding every photo again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ..catalog import TABLES, Catalog, CatalogError, list_versions
+from . import pages
+from .pages import Entry, Thumb, Trend
+
+THUMBS_DIR = "thumbs"
+SUBJECTS_DIR = "subject"
+THUMB_PX = 128
+THUMB_QUALITY = 85
+# Part of every thumbnail's name, so changing how thumbnails are made remakes them all.
+THUMB_RECIPE = f"{THUMB_PX}px-jpeg-q{THUMB_QUALITY}"
+MARKER = ".subjectflow-dashboard"  # what lets a rebuild replace the folder safely
+# Tables whose rows belong to one subject, grouped once so no page scans a whole table.
+PER_SUBJECT = ("images", "negatives", "jointsets", "samples", "adapters", "metrics")
+SAFE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
+# What an unreadable image or shard raises; anything else (e.g. a full disk while
+# writing the site) is a real error and stops the build.
+LOAD_ERRORS = (OSError, ValueError, KeyError, pa.ArrowException, Image.DecompressionBombError)
+
+
+class DashboardError(CatalogError):
+    pass
+
+
+@dataclass(frozen=True)
+class DashboardSite:
+    index: Path
+    pages: list[Path]  # the paged subject list, index.html first
+    subject_pages: list[Path]
+    subjects: int
+    thumbs_written: int
+    thumbs_reused: int
+    missing: list[str]  # images shown as placeholders, each with the reason
+
+
+def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50) -> DashboardSite:
+    """Write the catalog's dashboard to `out_dir`, replacing an earlier build there."""
+    if page_size < 1:
+        raise DashboardError(f"page_size must be at least 1, got {page_size}")
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise DashboardError(f"{out_dir} exists and is not a subjectflow dashboard; refusing to replace it. "
+                             "Pass a new or empty folder, or one an earlier `subjectflow dashboard` wrote")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir()
+    try:
+        thumbs = Thumbnails(catalog, staging, previous=out_dir if out_dir.exists() else None)
+        list_pages, subject_pages = _write_site(catalog, staging, thumbs, page_size)
+        _swap(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return DashboardSite(
+        index=out_dir / list_pages[0],
+        pages=[out_dir / p for p in list_pages],
+        subject_pages=[out_dir / p for p in subject_pages],
+        subjects=len(subject_pages),
+        thumbs_written=thumbs.written,
+        thumbs_reused=thumbs.reused,
+        missing=thumbs.missing,
+    )
+
+
+def _replaceable(out_dir: Path) -> bool:
+    return out_dir.is_dir() and ((out_dir / MARKER).exists() or not any(out_dir.iterdir()))
+
+
+def _swap(staging: Path, out_dir: Path) -> None:
+    """Put the new site in place; between the two renames no `out_dir` exists, which a
+    reader sees as a missing site rather than a mix of two builds."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    retired = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
+    os.replace(out_dir, retired)
+    os.replace(staging, out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+# -- thumbnails ----------------------------------------------------------------------
+
+
+def shrink(source: Path | bytes) -> bytes:
+    """A JPEG at most THUMB_PX on its longer side; transparency goes onto white."""
+    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+        image.draft("RGB", (THUMB_PX, THUMB_PX))  # a JPEG then decodes at a fraction of its size
+        image.thumbnail((THUMB_PX, THUMB_PX))
+        if image.mode not in ("RGB", "L"):
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, "white")
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=THUMB_QUALITY)
+    return out.getvalue()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file missing"
+    if isinstance(exc, KeyError):
+        return "member missing from its shard"
+    return f"unreadable ({type(exc).__name__})"
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # a filesystem without hard links still gets the file
+        shutil.copyfile(src, dest)
+
+
+class Thumbnails:
+    """Makes each thumbnail once per site; unreadable sources become placeholders."""
+
+    def __init__(self, catalog: Catalog, site: Path, previous: Path | None) -> None:
+        self.catalog = catalog
+        self.site = site
+        self.previous = previous
+        self.written = 0
+        self.reused = 0
+        self.missing: list[str] = []
+        self._made: dict[str, Thumb] = {}
+        (site / THUMBS_DIR).mkdir()
+
+    def blob(self, rel: str) -> Thumb:
+        return self._thumb(rel, lambda: self.catalog.blob_path(rel))
+
+    def shard_members(self, shard: str, members: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Thumb]:
+        """Thumbnails of joint-set members; the shard is read only if one is not made yet."""
+        keys = {m: f"{shard}#{m[0]}/{m[1]}" for m in members}
+        pixels: dict[tuple[str, int], bytes] = {}
+        failure: BaseException | None = None
+        if not all(self._ready(key) for key in keys.values()):
+            try:
+                pixels = _read_shard(self.catalog.blob_path(shard), {set_id for set_id, _ in keys})
+            except LOAD_ERRORS as exc:
+                failure = exc
+
+        def load(member: tuple[str, int]) -> bytes:
+            if failure is not None:
+                raise failure
+            return pixels[member]
+
+        return {m: self._thumb(key, lambda m=m: load(m)) for m, key in keys.items()}
+
+    def _name(self, key: str) -> str:
+        return f"{THUMBS_DIR}/{hashlib.sha256(f'{THUMB_RECIPE}:{key}'.encode()).hexdigest()[:32]}.jpg"
+
+    def _ready(self, key: str) -> bool:
+        name = self._name(key)
+        return key in self._made or (self.previous is not None and (self.previous / name).exists())
+
+    def _thumb(self, key: str, load: Callable[[], Path | bytes]) -> Thumb:
+        if key in self._made:
+            return self._made[key]
+        name = self._name(key)
+        dest = self.site / name
+        if self.previous is not None and (self.previous / name).exists():
+            _link_or_copy(self.previous / name, dest)
+            self.reused += 1
+            thumb = Thumb(name)
+        else:
+            try:
+                data = shrink(load())
+            except LOAD_ERRORS as exc:
+                thumb = Thumb(None, _reason(exc))
+                self.missing.append(f"{key}: {thumb.note}")
+            else:
+                dest.write_bytes(data)
+                self.written += 1
+                thumb = Thumb(name)
+        self._made[key] = thumb
+        return thumb
+
+
+def _read_shard(path: Path, set_ids: set[str]) -> dict[tuple[str, int], bytes]:
+    table = pq.read_table(path, columns=["set_id", "member", "image"])
+    wanted = pa.array(sorted(set_ids), table.schema.field("set_id").type)  # string or large_string
+    table = table.filter(pc.is_in(table["set_id"], value_set=wanted))
+    return {(r["set_id"], r["member"]): r["image"] for r in table.to_pylist()}
+
+
+# -- the catalog, grouped once ---------------------------------------------------------
+
+
+def group_by(rows: Iterable[dict], key: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row[key]].append(row)
+    return groups
+
+
+def latest_scores(rows: Iterable[dict]) -> dict[str, dict[str, dict]]:
+    """method -> metric -> row, from each method's newest catalog version; at one
+    version a later evaluation replaces an earlier one."""
+    def version(row: dict) -> int:
+        return -1 if row["catalog_version"] is None else row["catalog_version"]
+
+    rows = sorted(rows, key=lambda r: (version(r), r["evaluated_at"]))
+    newest = {r["method"]: version(r) for r in rows}
+    scores: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        if version(row) == newest[row["method"]]:
+            scores[row["method"]][row["metric"]] = row
+    return dict(scores)
+
+
+def metric_trends(metrics: pa.Table) -> list[Trend]:
+    """Each metric's value averaged per (method, catalog version); unversioned rows are left out."""
+    versioned = metrics.filter(pc.is_valid(metrics["catalog_version"]))
+    grouped = versioned.group_by(["metric", "method", "catalog_version"]).aggregate(
+        [("value", "mean"), ("scorer_kind", "distinct")])
+    series: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    flags: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for row in grouped.to_pylist():
+        series[row["metric"]][row["method"]].append((row["catalog_version"], row["value_mean"]))
+        flags[row["metric"]][row["method"]].update(k for k in row["scorer_kind_distinct"] if k != "pretrained")
+    return [Trend(metric, {m: sorted(p) for m, p in sorted(series[metric].items())},
+                  {m: sorted(k) for m, k in flags[metric].items()}) for metric in sorted(series)]
+
+
+def subject_href(subject_id: str) -> str:
+    """Its page's path; ids that are not plain lowercase file names get a slug plus a
+    hash, so the site survives case-insensitive filesystems, zips and URL parsing."""
+    if SAFE_ID.fullmatch(subject_id):
+        stem = subject_id
+    else:
+        slug = re.sub(r"[^a-z0-9._-]+", "-", subject_id.lower()).strip("-._")[:60] or "subject"
+        stem = f"{slug}-{hashlib.sha256(subject_id.encode()).hexdigest()[:10]}"
+    return f"{SUBJECTS_DIR}/{stem}.html"
+
+
+def list_href(number: int) -> str:
+    return "index.html" if number == 1 else f"subjects-{number}.html"
+
+
+def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails, page_size: int) -> tuple[list[str], list[str]]:
+    tables = {name: catalog.read(name) for name in TABLES}
+    subjects = sorted(tables["subjects"].to_pylist(), key=lambda r: (r["name"].casefold(), r["subject_id"]))
+    by_table = {name: group_by(tables[name].to_pylist(), "subject_id") for name in PER_SUBJECT}
+    models = {r["model_id"]: r for r in tables["models"].to_pylist()}
+    hrefs = [list_href(n) for n in range(1, max(1, -(-len(subjects) // page_size)) + 1)]
+
+    (site / SUBJECTS_DIR).mkdir()
+    entries = []
+    for i, subject in enumerate(subjects):
+        rows = {name: groups.get(subject["subject_id"], []) for name, groups in by_table.items()}
+        entry, html = _subject(subject, rows, models, thumbs, hrefs[i // page_size])
+        (site / entry.href).write_text(html, encoding="utf-8")
+        entries.append(entry)
+
+    (site / pages.STYLESHEET).write_text(pages.CSS, encoding="utf-8")
+    for number, href in enumerate(hrefs[1:], start=2):
+        chunk = entries[(number - 1) * page_size:number * page_size]
+        (site / href).write_text(pages.list_page(chunk, len(entries), number, hrefs), encoding="utf-8")
+    # The index comes after every subject page: its list of placeholders must be complete.
+    versions = list_versions(catalog)
+    summary = pages.summary(str(catalog.root), versions[0] if versions else None,
+                            {name: t.num_rows for name, t in tables.items()}, thumbs.missing)
+    runs = sorted(tables["runs"].to_pylist(), key=lambda r: r["started_at"], reverse=True)
+    index = pages.index_page(summary, pages.subject_list(entries[:page_size], len(entries), 1, hrefs),
+                             metric_trends(tables["metrics"]), runs)
+    (site / hrefs[0]).write_text(index, encoding="utf-8")
+    (site / MARKER).write_text("written by `subjectflow dashboard`; rebuilding replaces this folder\n")
+    return hrefs, [e.href for e in entries]
+
+
+def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict], thumbs: Thumbnails,
+             list_page: str) -> tuple[Entry, str]:
+    """A subject's page, and its entry in the paged list."""
+    photos = [(r, thumbs.blob(r["thumbnail_file"]), thumbs.blob(r["mask_file"]))
+              for r in sorted(rows["images"], key=lambda r: r["image_id"])]
+    scores = latest_scores(rows["metrics"])
+    html = pages.subject_page(
+        subject, list_page, photos,
+        negatives=[(r, thumbs.blob(r["file"])) for r in sorted(rows["negatives"], key=lambda r: r["negative_id"])],
+        jointsets=_jointset_thumbs(rows["jointsets"], thumbs),
+        samples=[(r, thumbs.blob(r["file"])) for r in rows["samples"]],
+        adapters=sorted(rows["adapters"], key=lambda r: (r["method"], r["created_at"])),
+        models=_models_used(rows, models),
+        scores=scores)
+    cover = photos[0][1] if photos else Thumb(None, "no photos")
+    return Entry(subject, subject_href(subject["subject_id"]), cover, scores), html
+
+
+def _jointset_thumbs(rows: list[dict], thumbs: Thumbnails) -> dict[str, list[tuple[dict, Thumb]]]:
+    made: dict[tuple[str, int], Thumb] = {}
+    for shard, members in group_by(rows, "shard").items():
+        made.update(thumbs.shard_members(shard, [(r["set_id"], r["member"]) for r in members]))
+    sets = group_by(sorted(rows, key=lambda r: (r["set_id"], r["member"])), "set_id")
+    return {set_id: [(r, made[(r["set_id"], r["member"])]) for r in members] for set_id, members in sets.items()}
+
+
+def _models_used(grouped: dict[str, list[dict]], models: dict[str, dict]) -> list[dict]:
+    """Shared models this subject's scores and samples came from."""
+    refs = {r["model_ref"] for r in grouped["metrics"]} | {r["adapter_id"] for r in grouped["samples"]}
+    return sorted((models[ref] for ref in refs if ref in models), key=lambda r: (r["method"], r["created_at"]))
