@@ -39,6 +39,7 @@ test: setup browser
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/tune.py
+	$(BIN)/python bench/joint.py
 
 clean-demo:
 	rm -rf .demo
