@@ -77,11 +77,51 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     from flows.refresh import catalog_refresh
 
+    catalog, config = _config(args)
+    run = catalog_refresh(str(catalog.root), args.source, config, args.dashboard)
+    print(run.summary())
+    if run.dashboard:
+        print(f"dashboard: {run.dashboard / 'index.html'}")
+    return 1 if run.record.failures else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate_flow
+
+    catalog, config = _config(args)
+    run = evaluate_flow(str(catalog.root), args.subject or None, args.method or None, config)
+    print(run.summary())
+    for line in run.unavailable:
+        print(f"  not evaluated {line}")
+    return 1 if run.failures else 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from flows.refresh import default_dashboard_dir
+    from subjectflow.dashboard import build_dashboard
+
     catalog = _open(args)
+    site = build_dashboard(catalog, Path(args.out) if args.out else default_dashboard_dir(catalog), args.page_size)
+    print(f"dashboard: {site.index} ({site.subjects} subjects, {site.thumbs_written} thumbnails made, "
+          f"{site.thumbs_reused} reused)")
+    for missing in site.missing[:10]:
+        print(f"  missing {missing}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from flows.benchmark import dreambench_flow
+
+    data = Path(args.data).resolve()
+    if not data.is_dir():
+        raise ConfigError(f"--data {data} is not a folder; pass a DreamBench-layout folder (one sub-folder per subject)")
+    root = Path(args.catalog or ".benchmark/dreambench").resolve()
+    catalog = Catalog.open(root) if (root / "catalog.json").exists() else init_catalog(root, load_config(), standalone=True)
     config = load_config(catalog.params_file, _overrides(args))
-    run = catalog_refresh(str(catalog.root), args.source, config)
-    print(run.report.summary())
-    return 0 if run.report.balanced else 1
+    run = dreambench_flow(str(data), str(catalog.root), args.method or list(config.evaluate.methods), config)
+    print(run.table)
+    print(f"\ncatalog {catalog.root}; dashboard {run.refresh.dashboard}")
+    return 1 if run.refresh.record.failures else 0
 
 
 def _config(args: argparse.Namespace) -> tuple[Catalog, Any]:
@@ -233,10 +273,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="side of the square training copy (default: ingest.resolution)")
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version (for `dvc repro`)")
 
-    p = command("refresh", cmd_refresh, "bring the catalog up to date with its source (the nightly job)")
+    p = command("refresh", cmd_refresh, "the nightly job: ingest -> tune -> joint sets -> joint model -> evaluate "
+                "-> version -> dashboard, each step only for what changed")
     _add_catalog(p)
     p.add_argument("--source", help="override ingest.source from params.yaml")
+    p.add_argument("--dashboard", metavar="DIR", help="where to write the dashboard (default: dashboard/ beside the catalog)")
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
+    p = command("evaluate", cmd_evaluate, "score subjects' current models: DINO, CLIP-I, CLIP-T, masked and "
+                "diversity metrics into the metrics table")
+    p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
+    p.add_argument("--method", action="append", choices=["sft", "sfo", "jedi", "jedi-sfo"],
+                   help="method (repeatable; default: evaluate.methods)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
+    p = command("dashboard", cmd_dashboard, "write the static dashboard site (open index.html, no server needed)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: dashboard/ beside the catalog)")
+    p.add_argument("--page-size", type=int, default=50, help="subjects per index page (default: %(default)s)")
+    _add_catalog(p)
+
+    p = command("benchmark", cmd_benchmark, "run a published protocol and print the paper-style table")
+    p.add_argument("protocol", choices=["dreambench"], help="the protocol")
+    p.add_argument("--data", required=True, help="a DreamBench-layout folder (subject folders + prompts_and_classes.txt)")
+    p.add_argument("--method", action="append", choices=["sft", "sfo", "jedi", "jedi-sfo"],
+                   help="method (repeatable; default: evaluate.methods)")
+    p.add_argument("--catalog", metavar="PATH", default=None,
+                   help="catalog for the run (default: .benchmark/dreambench, created if missing)")
 
     p = command("jointsets", cmd_jointsets,
                 "build JeDi joint-image sets (augmented photos, optional synthetic collages) as sharded Parquet")

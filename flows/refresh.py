@@ -1,18 +1,35 @@
-"""The nightly `catalog-refresh`: bring the whole catalog up to date with its source.
+"""The nightly `catalog-refresh`: the whole pipeline, incrementally, then one version.
 
-Today the pipeline is ingest; later stages (negatives, tuning, evaluation) are added
-here as subflows, each incremental, so an unchanged catalog refreshes in seconds.
+ingest -> tune (SFT -> CDNS negatives -> SFO per stale subject) -> joint sets -> joint
+model -> evaluate what is new -> record the run -> version -> dashboard.
+
+Every stage skips what is current (ids hash their inputs), so an unchanged catalog
+refreshes in seconds and a new photo re-runs only what depends on it. Stages run with
+versioning off and the refresh versions once at the end. A stage or subject that fails
+is recorded and the rest go on; the run ends with a summary as Prefect artifacts and a
+`runs` row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
-from flows.ingest import IngestRun, config_for, ingest_flow
-from subjectflow.catalog import Catalog
+from flows.evaluate import evaluate_flow
+from flows.ingest import config_for, ingest_flow
+from flows.joint import jointsets_flow, train_joint_flow
+from flows.tune import tune_flow
+from flows.versioning import version_run
+from subjectflow.catalog import Catalog, CatalogVersion, list_versions
+from subjectflow.catalog.history import RunRecord, record_run
 from subjectflow.config import Config
+from subjectflow.dashboard import build_dashboard
 
 
 def configured_source(catalog: Catalog, config: Config) -> str:
@@ -24,8 +41,109 @@ def configured_source(catalog: Catalog, config: Config) -> str:
     return str(catalog.params_file.parent / source)
 
 
+def default_dashboard_dir(catalog: Catalog) -> Path:
+    """Beside the catalog, not in it: the site is derived, so neither git nor DVC keeps it."""
+    return catalog.root.parent / "dashboard"
+
+
+@dataclass
+class RefreshRun:
+    record: RunRecord
+    version: CatalogVersion | None
+    dashboard: Path | None
+
+    def summary(self) -> str:
+        return self.record.summary()
+
+
+def _stage(record: RunRecord, name: str, work: Callable[[], Any], account: Callable[[Any], None]) -> None:
+    """Run one stage; its failure is recorded, never fatal to the stages after it."""
+    try:
+        result = work()
+    except Exception as exc:  # noqa: BLE001 - the refresh reports every failure and goes on
+        get_run_logger().error("stage %s failed: %s", name, exc)
+        record.failed(name, exc)
+        return
+    account(result)
+
+
+def _account_ingest(record: RunRecord, run) -> None:
+    report = run.report
+    if report.ingested_new:
+        record.ran.append(f"ingest: {report.ingested_new} new photos")
+    if report.ingested_before:
+        record.reused.append(f"ingest: {report.ingested_before} photos already in the catalog")
+    for uri, reason in report.new_quarantine:
+        record.failed(f"ingest {uri}", f"quarantined: {reason}")
+
+
+def _account_tune(record: RunRecord, run) -> None:
+    for outcome in run.outcomes:
+        record.ran += [f"{outcome.subject}: {item}" for item in outcome.made]
+        record.reused += [f"{outcome.subject}: {item}" for item in outcome.reused]
+    for subject, why in run.failures.items():
+        record.failed(f"tune {subject}", why)
+
+
+def _account_jointsets(record: RunRecord, run) -> None:
+    for subject, made in run.report.made.items():
+        (record.ran if made else record.reused).append(
+            f"{subject}: {made or run.report.reused[subject]} joint sets")
+
+
+def _account_joint(record: RunRecord, run) -> None:
+    (record.ran if run.made else record.reused).append(f"jedi model {run.model['model_id']}")
+
+
+def _account_evaluate(record: RunRecord, run) -> None:
+    record.ran += [f"{label}: evaluated" for label in run.scored]
+    record.reused += [f"{label}: evaluation" for label in run.reused]
+    for label, why in run.failures.items():
+        record.failed(f"evaluate {label}", why)
+
+
+def _artifacts(record: RunRecord, dashboard: Path | None) -> None:
+    link = f"\n\nDashboard: [{dashboard / 'index.html'}](file://{dashboard / 'index.html'})" if dashboard else ""
+    create_markdown_artifact(f"## catalog-refresh: {record.status}\n\n```\n{record.summary()}\n```{link}",
+                             key="catalog-refresh-summary", description="what ran, what was reused, what failed")
+    rows = ([{"outcome": "made", "item": item, "detail": ""} for item in record.ran]
+            + [{"outcome": "failed", "item": f["item"], "detail": f["error"]} for f in record.failures])
+    create_table_artifact(rows or [{"outcome": "reused", "item": f"{len(record.reused)} items", "detail": ""}],
+                          key="catalog-refresh-items", description=f"run {record.run_id}")
+
+
 @flow(name="catalog-refresh", log_prints=True)
-def catalog_refresh(catalog: str = "catalog", source: str | None = None, config: Config | None = None) -> IngestRun:
+def catalog_refresh(catalog: str = "catalog", source: str | None = None, config: Config | None = None,
+                    dashboard: str | None = None) -> RefreshRun:
     opened = Catalog.open(Path(catalog))
+    root = str(opened.root)
     config = config_for(opened, config)
-    return ingest_flow(source or configured_source(opened, config), catalog, config)
+    staged = config.model_copy(update={"versioning": config.versioning.model_copy(update={"enabled": False})})
+    record = RunRecord(run_id=str(flow_run.get_id() or "local"), flow="catalog-refresh")
+
+    _stage(record, "ingest", lambda: ingest_flow(source or configured_source(opened, config), root, staged),
+           lambda run: _account_ingest(record, run))
+    _stage(record, "tune", lambda: tune_flow(root, "sfo", None, staged), lambda run: _account_tune(record, run))
+    _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
+           lambda run: _account_jointsets(record, run))
+    if config.joint.enabled:
+        _stage(record, "train-joint", lambda: train_joint_flow(root, staged), lambda run: _account_joint(record, run))
+    _stage(record, "evaluate", lambda: evaluate_flow(root, None, None, staged),
+           lambda run: _account_evaluate(record, run))
+
+    versions = list_versions(opened)
+    latest = versions[0].number if versions else None
+    # The run row goes into the version it makes; a run that made nothing is kept in the
+    # table and versioned with the next change, so an unchanged catalog adds no version.
+    record.catalog_version = (latest or 0) + 1 if record.ran and config.versioning.enabled else latest
+    record_run(opened, record)
+    version = version_run(opened.root, record.summary().splitlines()[0], config.versioning) if record.ran else None
+
+    site = None
+    try:
+        site = build_dashboard(opened, Path(dashboard) if dashboard else default_dashboard_dir(opened)).index.parent
+    except Exception as exc:  # noqa: BLE001 - a dashboard problem must not fail a finished refresh
+        get_run_logger().error("dashboard not built: %s", exc)
+    _artifacts(record, site)
+    get_run_logger().info(record.summary())
+    return RefreshRun(record, version, site)

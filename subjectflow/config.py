@@ -148,7 +148,7 @@ class SyntheticSetsConfig(_Section):
     steps: int = Field(25, ge=1)
     guidance: float = Field(7.5, ge=0)
     min_coverage: float = Field(0.05, ge=0, le=1)  # a panel's mask must show an object
-    min_similarity: float = Field(0.6, ge=-1, le=1)  # colour-histogram similarity to the real photos
+    min_similarity: float = Field(0.5, ge=0, le=1)  # colour-histogram intersection with the real photos
 
 
 class JointSetsConfig(_Section):
@@ -184,7 +184,10 @@ class EvaluateConfig(_Section):
     """Scoring generated images the way the field does (DreamBench-style)."""
 
     methods: tuple[str, ...] = ("sft", "sfo", "jedi")
-    prompts: int = Field(4, ge=1)  # how many of the project's prompt templates
+    prompts: int = Field(4, ge=1)  # how many prompt templates (the first N)
+    # "" = the project's own templates; else a file of `{subject}` templates, one per line,
+    # or DreamBench's prompts_and_classes.txt (what `subjectflow benchmark dreambench` sets).
+    prompt_file: str = ""
     images_per_prompt: int = Field(2, ge=1)
     seed: int = 0
     # Local folders or hub ids already in the local cache; nothing is downloaded.

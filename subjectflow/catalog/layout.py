@@ -73,19 +73,12 @@ STAGES: dict[str, Stage] = {
             needs=("subjects", "images", "jointsets"),
         ),
         Stage(
-            name="generate",
-            tables=("samples",),
-            blob_kinds=("samples",),
-            params=("model", "generate"),
-            command="subjectflow generate --all --catalog {catalog} --no-version",
-            needs=("adapters",),
-        ),
-        Stage(
             name="evaluate",
-            # `runs` rides here: the run history is reporting, read with the metrics.
-            tables=("metrics", "runs"),
-            blob_kinds=("evaluations",),
-            params=("model", "evaluate"),
+            # Samples live here: evaluation generates them, and ad-hoc `subjectflow generate`
+            # adds to the same table. `runs` rides along: the run history is reporting.
+            tables=("samples", "metrics", "runs"),
+            blob_kinds=("samples",),
+            params=("model", "generate", "evaluate"),
             command="subjectflow evaluate --catalog {catalog} --no-version",
             needs=("adapters", "models"),
         ),

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 SYSTEM_FILES = {"Thumbs.db", "desktop.ini", "Icon\r"}
 SUBJECT_META = "subject.json"
 SUBJECTS_CSV = "subjects.csv"
+DREAMBENCH_META = "prompts_and_classes.txt"  # DreamBench's own layout: its class table is read too
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
 
@@ -66,6 +67,22 @@ class _Entry:
         self.rel, self.uri, self.size, self.fingerprint = rel, uri, size, fingerprint
 
 
+def dreambench_classes(text: str) -> dict[str, str]:
+    """The `subject_name,class` table at the top of DreamBench's prompts_and_classes.txt."""
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "subject_name,class")
+    except StopIteration:
+        raise ValueError("no 'subject_name,class' table") from None
+    classes = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        subject, _, noun = line.partition(",")
+        classes[subject.strip()] = noun.strip()
+    return classes
+
+
 def _sort_entries(source: str, entries: list[_Entry], read_text) -> Listing:
     listing = Listing(source)
     csv_classes: dict[str, str] = {}
@@ -77,11 +94,13 @@ def _sort_entries(source: str, entries: list[_Entry], read_text) -> Listing:
             listing.ignored.append((entry.uri, "hidden or system file"))
             continue
         subject = parts[0] if len(parts) > 1 else None
-        if name in (SUBJECTS_CSV, SUBJECT_META) and len(parts) <= 2:
+        if name in (SUBJECTS_CSV, SUBJECT_META, DREAMBENCH_META) and len(parts) <= 2:
             try:
                 if name == SUBJECTS_CSV and subject is None:
                     rows = csv.DictReader(io.StringIO(read_text(entry)))
                     csv_classes.update({r["subject"].strip(): r["class"].strip() for r in rows})
+                elif name == DREAMBENCH_META and subject is None:
+                    csv_classes.update(dreambench_classes(read_text(entry)))
                 elif name == SUBJECT_META and subject is not None:
                     json_classes[subject] = str(json.loads(read_text(entry))["class"]).strip()
                 else:

@@ -3,7 +3,8 @@
 The model is asked for one wide collage of several views of the subject's class; the
 collage is split into `set_size` panels and kept only if every panel shows an object
 (its mask covers at least `min_coverage`) whose colours resemble the subject's real
-photos (masked colour-histogram similarity at least `min_similarity`). Without a
+photos (intersection of masked colour histograms, the evaluation proxy's, at least
+`min_similarity`). Without a
 subject-specific model these sets teach "same object across views" in general, which is
 what the joint model needs; the filters keep off-subject collages out.
 """
@@ -19,30 +20,12 @@ from PIL import Image
 from ..catalog import Catalog
 from ..catalog.schemas import JOINTSETS
 from ..config import Config, JointSetsConfig, stable_hash
+from ..evaluation.metrics import colour_histogram, histogram_intersection
 from ..ingest.masks import subject_mask
 from ..models.loading import ModelParts
 from ..tuning.generate import sampling_pipeline
 from ..tuning.runs import Subject
 from .build import Member, PlannedSet, Planner, builder_id
-
-BINS = 8  # per channel: coarse enough to ignore lighting noise, fine enough to tell red from orange
-
-
-def colour_histogram(image: Image.Image, mask: Image.Image | None = None) -> np.ndarray:
-    """Normalised joint RGB histogram of the (masked) pixels, BINS**3 values."""
-    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    if mask is not None:
-        keep = np.asarray(mask.convert("L").resize(image.size)).reshape(-1) > 127
-        pixels = pixels[keep] if keep.any() else pixels
-    index = (pixels // (256 // BINS)).astype(np.int64) @ np.array([BINS * BINS, BINS, 1])
-    counts = np.bincount(index, minlength=BINS ** 3).astype(np.float64)
-    return counts / max(counts.sum(), 1.0)
-
-
-def histogram_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two histograms, in [0, 1]."""
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-
 
 def collage_prompt(class_name: str, views: int) -> str:
     return f"a photo collage of {views} views of the same {class_name}, side by side, plain background"
@@ -76,7 +59,7 @@ def synthetic_planner(parts: ModelParts, base: str, config: Config) -> Planner:
             for panel_index, panel in enumerate(split_panels(image, size)):
                 panel = panel.resize((sets.resolution, sets.resolution), Image.Resampling.BICUBIC)
                 mask, coverage = subject_mask(panel, config.ingest.mask)
-                similarity = max(histogram_similarity(colour_histogram(panel, mask), ref) for ref in references)
+                similarity = max(histogram_intersection(colour_histogram(panel, mask), ref) for ref in references)
                 if coverage < cfg.min_coverage or similarity < cfg.min_similarity:
                     break
                 record = {"prompt": prompt, "seed": seed, "panel": panel_index, "base_model": base,

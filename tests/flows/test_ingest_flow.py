@@ -81,3 +81,5 @@ def test_dreambench_photo_sets_ingest_cleanly(dreambench, tmp_path):
     assert sneakers and all(max(r["width"], r["height"]) == 2048 for r in sneakers)
     coverages = sorted(r["mask_coverage"] for r in images)
     assert coverages[len(coverages) // 2] > 0.1  # GrabCut finds a product in a typical photo
+    classes = {r["subject_id"]: r["class_name"] for r in catalog.read("subjects").to_pylist()}
+    assert classes["colorful_sneaker"] == "sneaker" and classes["duck_toy"] == "toy"  # prompts_and_classes.txt

@@ -1,0 +1,59 @@
+"""The evaluate flow: score every stale (subject, method), one task each, then version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger, unmapped
+
+from flows.ingest import config_for
+from flows.versioning import version_run
+from subjectflow.catalog import Catalog, CatalogVersion
+from subjectflow.config import Config
+from tasks.evaluate import evaluate_task, plan_evaluations_task
+from tasks.tune import device_slots, ensure_gpu_limit_task
+
+
+@dataclass
+class EvaluateRun:
+    scored: dict[str, list[dict]] = field(default_factory=dict)  # "subject/method" -> metrics rows
+    reused: list[str] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    version: CatalogVersion | None = None
+
+    def summary(self) -> str:
+        lines = [f"evaluated {len(self.scored)}, already current {len(self.reused)}, "
+                 f"no model yet {len(self.unavailable)}, failed {len(self.failures)}"]
+        for label, rows in self.scored.items():
+            flagged = {r["scorer_kind"] for r in rows} - {"pretrained"}
+            flag = f"  [{', '.join(sorted(flagged))} scorer]" if flagged else ""
+            lines.append(f"  {label}: " + ", ".join(f"{r['metric']} {r['value']:.3f}" for r in rows) + flag)
+        lines += [f"  FAILED {label}: {why}" for label, why in self.failures.items()]
+        return "\n".join(lines)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list[str] | None = None,
+                  config: Config | None = None) -> EvaluateRun:
+    """Evaluate each subject's current model per method, unless already evaluated as configured."""
+    root = Catalog.open(Path(catalog)).root
+    config = config_for(Catalog.open(root), config)
+    plan = plan_evaluations_task(root, config, subjects, methods)
+    run = EvaluateRun(reused=plan.done, unavailable=plan.unavailable)
+    if plan.todo:
+        ensure_gpu_limit_task(device_slots())
+        futures = evaluate_task.map(unmapped(root), plan.todo, unmapped(config))
+        for job, future in zip(plan.todo, futures):
+            label = f"{job.subject.name}/{job.method}"
+            state = future.wait() or future.state
+            if state.is_completed():
+                run.scored[label] = future.result()
+            else:
+                exc = state.result(raise_on_failure=False)
+                run.failures[label] = f"{type(exc).__name__}: {exc}"
+    get_run_logger().info(run.summary())
+    if run.scored:
+        run.version = version_run(root, f"evaluate: {len(run.scored)} evaluations", config.versioning)
+    return run
