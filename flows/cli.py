@@ -238,13 +238,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(catalog_summary(Catalog.open(run.catalog)))
     print()
-    print(run.tune.summary())
+    print(run.refresh.summary())
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s")
     print(f"  photo sets: {run.photo_sets}")
     print(f"  catalog:    {run.catalog}  (its own git + DVC repository)")
-    print(f"  samples:    {run.catalog / 'blobs' / 'samples'}  ({len(run.samples)} images, tiny-sd: a smoke test, not quality)")
+    print(f"  dashboard:  {run.refresh.dashboard / 'index.html'}  (open it in a browser; tiny-sd and "
+          f"random-test scorers: a smoke test, not quality)")
+    print(f"  refreshing again with nothing changed: {run.unchanged_seconds:.1f}s, "
+          f"{len(run.unchanged.record.ran)} things made")
     print(f"  try:        subjectflow catalog show --catalog {run.catalog}")
-    return 0 if run.ingest.report.balanced and not run.tune.failures else 1
+    return 0 if not run.refresh.record.failures else 1
 
 
 # -- parser ------------------------------------------------------------------------
@@ -252,8 +255,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subjectflow",
-        description="Versioned pipeline for subject-driven image generation: ingest product photo sets "
-                    "into a DVC-tracked catalog of Parquet tables.",
+        description="Versioned pipeline for subject-driven image generation: ingest product photo sets, "
+                    "tune per subject (SFT, SFO) or personalise with JeDi, evaluate, and keep it all in a "
+                    "DVC-tracked catalog of Parquet tables with a static dashboard.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -363,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         _add_catalog(p)
 
-    p = command("demo", cmd_demo, "make synthetic product photo sets and run the pipeline on them in .demo/")
+    p = command("demo", cmd_demo, "make synthetic product photo sets and run the nightly refresh on them in .demo/")
     p.add_argument("--dir", default=".demo", help="working directory for the demo (default: .demo)")
     return parser
 

@@ -22,7 +22,8 @@ def subcommands(parser, prefix=()):
 
 def test_every_subcommand_has_help(capfd):
     commands = list(subcommands(build_parser()))
-    assert {("init",), ("ingest",), ("refresh",), ("catalog", "versions"), ("catalog", "show"), ("demo",)} <= set(commands)
+    assert {("init",), ("ingest",), ("refresh",), ("catalog", "versions"), ("catalog", "show"), ("demo",),
+            ("jointsets",), ("train-joint",), ("evaluate",), ("dashboard",), ("benchmark",)} <= set(commands)
     for command in commands:
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--help"])
@@ -69,9 +70,11 @@ def test_a_typo_in_params_yaml_fails_before_any_work(tmp_path, capfd):
 def test_the_demo_keeps_its_own_repository_and_balances(tmp_path, capfd):
     assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
     out = capfd.readouterr().out
-    # ingest, tune, then one generate run per method: each a version
-    assert "red_mug" in out and "latest version: v4" in out and "4 subject(s), 0 failed" in out
+    # One refresh builds everything as one version; the unchanged second one makes nothing.
+    assert "red_mug" in out and "latest version: v1" in out and "catalog-refresh completed" in out
+    assert "nothing changed" in out and ", 0 things made" in out
     assert (tmp_path / "demo" / "catalog" / ".git").is_dir()
+    assert (tmp_path / "demo" / "dashboard" / "index.html").exists()
     assert "images              16 rows" in out
 
 
