@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "SUBJECTFLOW_"
 
@@ -119,6 +119,14 @@ class NegativesConfig(_Section):
     steps: int = Field(28, ge=1)
     guidance: float = Field(3.5, ge=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _denoises_at_least_once(self) -> "NegativesConfig":
+        # img2img runs int(steps * strength) steps; zero fails deep inside diffusers.
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps x strength = {self.steps} x {self.strength} gives no img2img denoising step; "
+                             f"raise negatives.steps to at least {int(1 / self.strength) + 1}")
+        return self
 
 
 class GenerateConfig(_Section):

@@ -22,8 +22,8 @@ from ..catalog.store import utcnow
 from ..config import Config, stable_hash
 from ..models.loading import ModelParts
 from ..tuning.generate import generate_jedi_samples, generate_samples
-from ..tuning.joint import JEDI_METHODS, current_joint_model, current_sfo_joint_model, tunable_subjects
-from ..tuning.runs import Subject, TuningError, target_adapter_id
+from ..tuning.joint import JEDI_METHODS, current_joint_model, current_sfo_joint_model
+from ..tuning.runs import Subject, TuningError, load_subjects, target_adapter_id
 from .dreambench import read_prompt_file
 from .metrics import MaskFn, score_subject
 from .prompts import PromptSet, evaluation_prompts
@@ -78,9 +78,7 @@ def plan_evaluations(catalog: Catalog, config: Config, base: str, subjects: list
     joint = _joint_models(catalog, config, base, methods)
     plan = EvaluationPlan([], [], [])
     prompts, settings = prompt_set(config), _settings(config)
-    for subject in tunable_subjects(catalog):
-        if subjects and subject.subject_id not in subjects and subject.name not in subjects:
-            continue
+    for subject in load_subjects(catalog, subjects or None):
         for method in methods:
             label = f"{subject.name}/{method}"
             if method in ADAPTER_METHODS:

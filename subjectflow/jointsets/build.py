@@ -20,11 +20,11 @@ import pyarrow as pa
 from PIL import Image
 
 from ..catalog import Catalog
-from ..catalog.schemas import JOINTSETS, SUBJECTS
+from ..catalog.schemas import JOINTSETS
 from ..catalog.store import utcnow
 from ..config import JointSetsConfig, stable_hash
 from ..ingest.photo import encode_png
-from ..tuning.runs import Subject, TuningError, load_subject
+from ..tuning.runs import Subject, load_subjects
 from .augment import Augmentation, apply_augmentation, draw_augmentation
 from .shards import write_shards
 
@@ -120,14 +120,9 @@ def build_jointsets(catalog: Catalog, config: JointSetsConfig, subjects: list[st
     them with how many candidates it rejected.
     """
     report = JointSetsReport()
-    names = subjects or sorted(catalog.read(SUBJECTS.name).column("subject_id").to_pylist())
     have = set(catalog.read(JOINTSETS.name).column("set_id").to_pylist())
     planned: dict[str, list[PlannedSet]] = {}
-    for name in names:
-        try:
-            subject = load_subject(catalog, name)
-        except TuningError:  # every photo quarantined: nothing to build from
-            continue
+    for subject in load_subjects(catalog, subjects or None):
         sets = plan_photo_sets(catalog, subject, config)
         if extra is not None:
             more, rejected = extra(catalog, subject, config)

@@ -21,7 +21,7 @@ from safetensors.torch import load, save
 
 from ..catalog import Catalog, list_versions
 from ..catalog.layout import WORK_DIR
-from ..catalog.schemas import JOINTSETS, MODELS, NEGATIVES, SUBJECTS, TRAIN_LOG
+from ..catalog.schemas import JOINTSETS, MODELS, NEGATIVES, TRAIN_LOG
 from ..catalog.store import utcnow
 from ..config import Config, stable_hash
 from ..ingest.photo import encode_png
@@ -33,7 +33,7 @@ from .adapters import adapter_state, add_lora, load_adapter_state, load_lora_fil
 from .data import encode_latents, encode_prompt, image_tensor
 from .loop import train
 from .objectives import Metrics, SfoObjective, _unet_eps
-from .runs import Subject, TuningError, autocast_dtype, load_subject, negative_id, planned_negatives
+from .runs import Subject, TuningError, autocast_dtype, load_subjects, negative_id, planned_negatives
 
 JEDI = "jedi"
 SFO_JOINT = "sfo-joint"
@@ -278,17 +278,6 @@ def sfo_joint_params(config: Config, base: str, parent: str) -> dict:
             "negatives": config.negatives.model_dump(), "train": config.train.model_dump()}
 
 
-def tunable_subjects(catalog: Catalog) -> list[Subject]:
-    """Every subject with at least one ingested photo."""
-    subjects = []
-    for name in sorted(catalog.read(SUBJECTS.name).column("subject_id").to_pylist()):
-        try:
-            subjects.append(load_subject(catalog, name))
-        except TuningError:  # every photo quarantined
-            continue
-    return subjects
-
-
 def _jedi_negative_plan(subject: Subject, config: Config, base: str, model: dict) -> list:
     return [(negative_id(image["image_id"], d, NEGATIVE_GENERATOR, model["model_id"], base), image, d)
             for _, image, d in planned_negatives(subject, config, model["model_id"], base)]
@@ -296,7 +285,7 @@ def _jedi_negative_plan(subject: Subject, config: Config, base: str, model: dict
 
 def sfo_joint_negative_ids(catalog: Catalog, config: Config, base: str, model: dict) -> list[str]:
     """The JeDi negatives zero-shot SFO trains on: every subject's, planned (none is made)."""
-    return [nid for subject in tunable_subjects(catalog) for nid, _, _ in _jedi_negative_plan(subject, config, base, model)]
+    return [nid for subject in load_subjects(catalog) for nid, _, _ in _jedi_negative_plan(subject, config, base, model)]
 
 
 def current_sfo_joint_model(catalog: Catalog, config: Config, base: str, model: dict) -> dict:
@@ -316,7 +305,7 @@ def train_sfo_joint(catalog: Catalog, config: Config, parts: ModelParts, base: s
     if model["weights"] != "lora":
         raise TuningError("zero-shot SFO needs a LoRA joint model (joint.weights: lora) as its frozen reference")
     positives, negatives, contexts, captions, negative_ids = [], [], [], [], []
-    for subject in tunable_subjects(catalog):
+    for subject in load_subjects(catalog):
         made = make_jedi_negatives(catalog, subject, config, parts, base, model)
         files = {r["image_id"]: r["normalised_file"] for r in subject.images}
         order = [r["image_id"] for r in subject.images]

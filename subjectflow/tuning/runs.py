@@ -64,6 +64,22 @@ def load_subject(catalog: Catalog, name: str) -> Subject:
     return Subject(row["subject_id"], row["name"], row["class_name"], tuple(images))
 
 
+def load_subjects(catalog: Catalog, names: list[str] | None = None) -> list[Subject]:
+    """Every subject (or those named, by id or name) that has ingested photos, reading each
+    table once: what planners use, so planning stays linear in the number of subjects."""
+    images: dict[str, list[dict]] = {}
+    for row in catalog.read(IMAGES.name).to_pylist():
+        images.setdefault(row["subject_id"], []).append(row)
+    subjects = []
+    for row in sorted(catalog.read(SUBJECTS.name).to_pylist(), key=lambda r: r["subject_id"]):
+        if names is not None and row["subject_id"] not in names and row["name"] not in names:
+            continue
+        photos = sorted(images.get(row["subject_id"], []), key=lambda r: r["image_id"])
+        if photos:  # a subject whose photos were all quarantined has nothing to train on
+            subjects.append(Subject(row["subject_id"], row["name"], row["class_name"], tuple(photos)))
+    return subjects
+
+
 def model_version(path: str) -> str:
     """Base model name plus a hash of its configs and weight sizes (cheap, changes with it)."""
     root = Path(path)
@@ -292,15 +308,8 @@ def needs_tuning(catalog: Catalog, method: str, config: Config, base: str) -> li
     """Subjects whose current adapter for `method` does not exist yet (new photos, new
     parameters, new base model: all change the id)."""
     have = set(catalog.read(ADAPTERS.name).column("adapter_id").to_pylist())
-    stale = []
-    for name in sorted(catalog.read(SUBJECTS.name).column("subject_id").to_pylist()):
-        try:
-            subject = load_subject(catalog, name)
-        except TuningError:  # a subject whose photos were all quarantined: nothing to tune
-            continue
-        if target_adapter_id(subject, method, config, base) not in have:
-            stale.append(name)
-    return stale
+    return [subject.subject_id for subject in load_subjects(catalog)
+            if target_adapter_id(subject, method, config, base) not in have]
 
 
 def _sft_for(catalog, subject, config, parts, base, made, reused, say, needed_by: str) -> dict:

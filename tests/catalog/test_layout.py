@@ -47,3 +47,12 @@ def _imports(package: str) -> set[str]:
 def test_layers_import_only_downwards():
     assert not _imports("subjectflow") & {"prefect", "dvc", "flows", "tasks"}
     assert not _imports("tasks") & {"flows"}
+
+
+def test_negatives_that_would_never_denoise_are_refused_with_the_fix():
+    import pytest
+
+    from subjectflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="raise negatives.steps to at least 2"):
+        load_config(overrides={"negatives": {"steps": 1, "strength": 0.6}})
