@@ -21,6 +21,7 @@ import os
 
 # Before Prefect is imported: thousands of task-run logs would bury the table.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry ping
 
 import argparse  # noqa: E402
 import json  # noqa: E402

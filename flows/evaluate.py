@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, unmapped
 
 from flows.ingest import config_for
+from flows.tune import wait_all
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
@@ -45,14 +46,7 @@ def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list
     if plan.todo:
         ensure_gpu_limit_task(device_slots())
         futures = evaluate_task.map(unmapped(root), plan.todo, unmapped(config))
-        for job, future in zip(plan.todo, futures):
-            label = f"{job.subject.name}/{job.method}"
-            state = future.wait() or future.state
-            if state.is_completed():
-                run.scored[label] = future.result()
-            else:
-                exc = state.result(raise_on_failure=False)
-                run.failures[label] = f"{type(exc).__name__}: {exc}"
+        run.scored, run.failures = wait_all(futures, [f"{job.subject.name}/{job.method}" for job in plan.todo])
     get_run_logger().info(run.summary())
     if run.scored:
         run.version = version_run(root, f"evaluate: {len(run.scored)} evaluations", config.versioning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
@@ -31,17 +32,23 @@ class TuneRun:
         return "\n".join(lines)
 
 
-def _collect(futures, subjects: list[str]) -> TuneRun:
-    """Wait for every subject; one failure is reported, never fatal to the others."""
-    run = TuneRun()
-    for subject, future in zip(subjects, futures):
+def wait_all(futures, labels: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Wait for every future: (results, failures) by label. One failure is reported,
+    never fatal to the others."""
+    results, failures = {}, {}
+    for label, future in zip(labels, futures):
         state = future.wait() or future.state
         if state.is_completed():
-            run.outcomes.append(future.result())
+            results[label] = future.result()
         else:
             exc = state.result(raise_on_failure=False)
-            run.failures[subject] = f"{type(exc).__name__}: {exc}"
-    return run
+            failures[label] = f"{type(exc).__name__}: {exc}"
+    return results, failures
+
+
+def _collect(futures, subjects: list[str]) -> TuneRun:
+    results, failures = wait_all(futures, subjects)
+    return TuneRun(list(results.values()), failures)
 
 
 def _finish(root: Path, run: TuneRun, config: Config) -> TuneRun:

@@ -19,9 +19,9 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load, save
 
-from ..catalog import Catalog, list_versions
+from ..catalog import Catalog
 from ..catalog.layout import WORK_DIR
-from ..catalog.schemas import JOINTSETS, MODELS, NEGATIVES, TRAIN_LOG
+from ..catalog.schemas import JOINTSETS, MODELS, NEGATIVES
 from ..catalog.store import utcnow
 from ..config import Config, stable_hash
 from ..ingest.photo import encode_png
@@ -33,7 +33,9 @@ from .adapters import adapter_state, add_lora, load_adapter_state, load_lora_fil
 from .data import encode_latents, encode_prompt, image_tensor
 from .loop import train
 from .objectives import Metrics, SfoObjective, _unet_eps
-from .runs import Subject, TuningError, autocast_dtype, load_subjects, negative_id, planned_negatives
+from .runs import (
+    Subject, TuningError, autocast_dtype, load_subjects, negative_id, planned_negatives, record_trained,
+)
 
 JEDI = "jedi"
 SFO_JOINT = "sfo-joint"
@@ -86,18 +88,6 @@ def install_joint_model(catalog: Catalog, parts: ModelParts, row: dict) -> list[
     state = load(path.read_bytes())
     parts.unet.load_state_dict({k: v.to(parts.unet.dtype) for k, v in state.items()})
     return []
-
-
-def _register(catalog: Catalog, row: dict, history: list[dict], file_bytes: bytes) -> dict:
-    versions = list_versions(catalog)
-    row = {**row, "file": catalog.put_blob("models", file_bytes, ".safetensors"), "created_at": utcnow(),
-           "trained_on_version": versions[0].number if versions else None}
-    log = [{"adapter_id": row["model_id"], "step": int(h["step"]), "metric": k, "value": float(v)}
-           for h in history for k, v in h.items() if k != "step"]
-    with catalog.writer():
-        catalog.upsert(TRAIN_LOG.name, pa.Table.from_pylist(log, schema=TRAIN_LOG.schema))
-        catalog.upsert(MODELS.name, pa.Table.from_pylist([row], schema=MODELS.schema))
-    return row
 
 
 # -- training -----------------------------------------------------------------------
@@ -191,7 +181,7 @@ def train_joint(catalog: Catalog, config: Config, parts: ModelParts, base: str,
            "parent_model_id": None, "params": json.dumps(joint_params(config, base), sort_keys=True),
            "inputs_hash": stable_hash(sorted({r["set_id"] for r in rows})), "steps": result.steps,
            "final_loss": result.final_loss}
-    return _register(catalog, row, result.history, file_bytes)
+    return record_trained(catalog, MODELS, "models", row, result.history, file_bytes)
 
 
 # -- set completion -----------------------------------------------------------------
@@ -345,6 +335,6 @@ def train_sfo_joint(catalog: Catalog, config: Config, parts: ModelParts, base: s
                "parent_model_id": model["model_id"], "params": json.dumps(params, sort_keys=True),
                "inputs_hash": stable_hash(sorted(negative_ids)), "steps": result.steps,
                "final_loss": result.final_loss}
-        return _register(catalog, row, result.history, lora_file_bytes(parts.unet, SFO_ADAPTER))
+        return record_trained(catalog, MODELS, "models", row, result.history, lora_file_bytes(parts.unet, SFO_ADAPTER))
     finally:
         parts.unet.delete_adapters([SFO_ADAPTER, JEDI])

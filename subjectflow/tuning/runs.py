@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..catalog import Catalog, list_versions
 from ..catalog.layout import MODELS_DIR, WORK_DIR
-from ..catalog.schemas import ADAPTERS, IMAGES, NEGATIVES, SUBJECTS, TRAIN_LOG
+from ..catalog.schemas import ADAPTERS, IMAGES, NEGATIVES, SUBJECTS, TRAIN_LOG, TableSpec
 from ..catalog.store import CatalogError, utcnow
 from ..config import Config, stable_hash
 from ..ingest.photo import encode_png
@@ -142,15 +142,18 @@ def _class_images(parts: ModelParts, subject: Subject, config: Config) -> torch.
     return encode_latents(parts.vae, images * 2 - 1).to(parts.unet.device)
 
 
-def _record_adapter(catalog: Catalog, row: dict, history: list[dict], file_bytes: bytes) -> dict:
+def record_trained(catalog: Catalog, table: TableSpec, blob_kind: str, row: dict, history: list[dict],
+                   file_bytes: bytes) -> dict:
+    """Store a trained artefact's weights, its `table` row (adapters or models) and its
+    per-step metrics in `train_log`, in one locked write."""
     versions = list_versions(catalog)
-    row = {**row, "file": catalog.put_blob("adapters", file_bytes, ".safetensors"), "created_at": utcnow(),
+    row = {**row, "file": catalog.put_blob(blob_kind, file_bytes, ".safetensors"), "created_at": utcnow(),
            "trained_on_version": versions[0].number if versions else None}
-    log = [{"adapter_id": row["adapter_id"], "step": int(h["step"]), "metric": k, "value": float(v)}
+    log = [{"adapter_id": row[table.key[0]], "step": int(h["step"]), "metric": k, "value": float(v)}
            for h in history for k, v in h.items() if k != "step"]
     with catalog.writer():
         catalog.upsert(TRAIN_LOG.name, pa.Table.from_pylist(log, schema=TRAIN_LOG.schema))
-        catalog.upsert(ADAPTERS.name, pa.Table.from_pylist([row], schema=ADAPTERS.schema))
+        catalog.upsert(table.name, pa.Table.from_pylist([row], schema=table.schema))
     return row
 
 
@@ -182,7 +185,7 @@ def train_sft(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
         row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": "sft", "base_model": base,
                "parent_adapter_id": None, "params": json.dumps(params, sort_keys=True),
                "inputs_hash": subject.inputs_hash, "steps": result.steps, "final_loss": result.final_loss}
-        return _record_adapter(catalog, row, result.history, lora_file_bytes(parts.unet, "sft"))
+        return record_trained(catalog, ADAPTERS, "adapters", row, result.history, lora_file_bytes(parts.unet, "sft"))
     finally:
         parts.unet.delete_adapters("sft")
 
@@ -288,7 +291,7 @@ def train_sfo(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
                "parent_adapter_id": sft_adapter["adapter_id"], "params": json.dumps(params, sort_keys=True),
                "inputs_hash": stable_hash([subject.inputs_hash, sorted(n["negative_id"] for n in negatives)]),
                "steps": result.steps, "final_loss": result.final_loss}
-        return _record_adapter(catalog, row, result.history, lora_file_bytes(parts.unet, "sfo"))
+        return record_trained(catalog, ADAPTERS, "adapters", row, result.history, lora_file_bytes(parts.unet, "sfo"))
     finally:
         parts.unet.delete_adapters(["sfo", "sft"])
 
