@@ -109,14 +109,15 @@ def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | Non
 @task(name="train-joint")
 def train_joint_task(catalog_root: Path, config: Config) -> dict:
     """The current joint model, trained (or resumed) when missing."""
+    catalog = Catalog.open(catalog_root)
+    try:  # found by id alone: an unchanged refresh never loads the model
+        return {**current_joint_model(catalog, config, base_model_id(catalog, config)), "made": False}
+    except TuningError:
+        pass
     with device_slot():
-        catalog = Catalog.open(catalog_root)
         parts, base = open_model(catalog, config)
-        try:
-            return {**current_joint_model(catalog, config, base), "made": False}
-        except TuningError:
-            get_run_logger().info("training the JeDi joint model on %d joint sets", len(current_sets(catalog, config)))
-            return {**train_joint(catalog, config, parts, base), "made": True}
+        get_run_logger().info("training the JeDi joint model on %d joint sets", len(current_sets(catalog, config)))
+        return {**train_joint(catalog, config, parts, base), "made": True}
 
 
 @task(name="jedi-negatives", task_run_name="jedi-negatives-{subject}")
