@@ -124,10 +124,11 @@ def evaluate(catalog: Catalog, config: Config, parts: ModelParts, base: str, job
     subject = job.subject
     generated: dict[str, list[Image.Image]] = {}
     say(f"{subject.name}/{job.method}: {len(prompts.prompts)} prompts x {n} images")
+    if job.method in JEDI_METHODS:  # looked up once: each lookup re-reads the joint sets and negatives
+        model = current_joint_model(catalog, config, base)
+        sfo = current_sfo_joint_model(catalog, config, base, model) if job.method == "jedi-sfo" else None
     for template in prompts.prompts:
         if job.method in JEDI_METHODS:
-            model = current_joint_model(catalog, config, base)
-            sfo = current_sfo_joint_model(catalog, config, base, model) if job.method == "jedi-sfo" else None
             rows = generate_jedi_samples(catalog, sampling, parts, base, template, n, subject, model, sfo_model=sfo)
         else:
             rows = generate_samples(catalog, sampling, parts, base, template, n, subject, job.model_ref, job.method)

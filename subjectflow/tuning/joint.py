@@ -34,7 +34,8 @@ from .data import encode_latents, encode_prompt, image_tensor
 from .loop import train
 from .objectives import Metrics, SfoObjective, _unet_eps
 from .runs import (
-    Subject, TuningError, autocast_dtype, load_subjects, negative_id, planned_negatives, record_trained,
+    Subject, TuningError, autocast_dtype, file_latents, load_subjects, negative_id, planned_negatives,
+    record_trained,
 )
 
 JEDI = "jedi"
@@ -313,19 +314,15 @@ def train_sfo_joint(catalog: Catalog, config: Config, parts: ModelParts, base: s
     if found is not None:
         return found
     resolution = config.train.resolution
-
-    def latents(files: list[str]) -> torch.Tensor:
-        pixels = torch.stack([image_tensor(Image.open(catalog.blob_path(f)), resolution) for f in files])
-        return encode_latents(parts.vae, pixels).to(parts.unet.device)
-
     embeds = _embed_all(parts, captions)
     load_lora_file(parts.unet, catalog.blob_path(model["file"]), JEDI)
     trainable = add_lora(parts.unet, config.sfo.lora_rank, SFO_ADAPTER, config.train.seed)
     try:
-        objective = SfoObjective(parts.unet, parts.noise_scheduler, latents(positives), latents(negatives),
+        objective = SfoObjective(parts.unet, parts.noise_scheduler, file_latents(parts, catalog, positives, resolution),
+                                 file_latents(parts, catalog, negatives, resolution),
                                  torch.stack([embeds[c] for c in captions]).to(parts.unet.device), trainable,
                                  config.sfo.beta, config.train.batch_size, reference=JEDI, adapter_name=SFO_ADAPTER,
-                                 context_latents=latents(contexts))
+                                 context_latents=file_latents(parts, catalog, contexts, resolution))
         with coupled(parts.unet, 2):
             result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, config.sfo.steps,
                            config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)

@@ -123,7 +123,8 @@ def find_adapter(catalog: Catalog, adapter: str) -> dict | None:
 
 # -- SFT ------------------------------------------------------------------------------
 
-def _latents(parts: ModelParts, catalog: Catalog, files: list[str], resolution: int) -> torch.Tensor:
+def file_latents(parts: ModelParts, catalog: Catalog, files: list[str], resolution: int) -> torch.Tensor:
+    """[N, C, h, w] latents of catalog image files, on the UNet's device."""
     return encode_latents(parts.vae, load_images([catalog.blob_path(f) for f in files], resolution)).to(parts.unet.device)
 
 
@@ -167,7 +168,7 @@ def train_sft(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
               stop_after: int | None = None) -> dict:
     params = sft_params(config, base)
     adapter = adapter_id(params, subject)
-    latents = _latents(parts, catalog, [r["normalised_file"] for r in subject.images], config.train.resolution)
+    latents = file_latents(parts, catalog, [r["normalised_file"] for r in subject.images], config.train.resolution)
     embeds = encode_prompt(parts.tokenizer, parts.text_encoder, instance_prompt(config.sft.identifier, subject.class_name))
     class_latents = class_embeds = None
     if config.sft.prior_preservation:
@@ -274,8 +275,8 @@ def train_sfo(catalog: Catalog, subject: Subject, config: Config, parts: ModelPa
     adapter = adapter_id(params, subject, [n["negative_id"] for n in negatives])
     files = {r["image_id"]: r["normalised_file"] for r in subject.images}
     resolution = config.train.resolution
-    positives = _latents(parts, catalog, [files[n["image_id"]] for n in negatives], resolution)
-    negative_latents = _latents(parts, catalog, [n["file"] for n in negatives], resolution)
+    positives = file_latents(parts, catalog, [files[n["image_id"]] for n in negatives], resolution)
+    negative_latents = file_latents(parts, catalog, [n["file"] for n in negatives], resolution)
     embeds = encode_prompt(parts.tokenizer, parts.text_encoder, instance_prompt(config.sft.identifier, subject.class_name))
     _prepare_unet(parts, config)
     load_lora_file(parts.unet, catalog.blob_path(sft_adapter["file"]), "sft")
