@@ -9,6 +9,7 @@ catalog by one full `catalog-refresh` (every stage, tuning steps set to 1, tiny 
 Times are wall seconds of `catalog_refresh` in this process (one Prefect temporary
 server for the whole run), dashboard build and catalog versioning included. The
 "x per 10x" column is how a time grows when N grows tenfold (1.0 = flat, 10 = linear).
+"peak GiB" is this process's peak resident memory so far (sizes run smallest first).
 Target: no-change refresh of 1,000 subjects under 30 s.
 
 Run: .venv/bin/python bench/refresh.py [--sizes 10 100 1000]
@@ -25,6 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: n
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -83,8 +85,10 @@ def measure(size: int, out: Path) -> dict:
     one_photo, third = timed(catalog, work / "photo_sets", config)
     result = {"subjects": size, "initial_s": initial, "no_change_s": unchanged, "one_photo_s": one_photo,
               "no_change_made": len(second.record.ran), "one_photo_made": len(third.record.ran),
-              "failures": [f["item"] for r in (first, second, third) for f in r.record.failures]}
+              "failures": [f["item"] for r in (first, second, third) for f in r.record.failures],
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     print(f"{size:>9} {initial:>11.1f} {unchanged:>12.1f} {one_photo:>12.1f} {len(third.record.ran):>10}"
+          f" {result['peak_rss_gib']:>9.2f}"
           + (f"   FAILURES: {result['failures']}" if result["failures"] else ""), flush=True)
     return result
 
@@ -95,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "refresh")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{'subjects':>9} {'initial s':>11} {'no change s':>12} {'one photo s':>12} {'items made':>10}")
+    print(f"{'subjects':>9} {'initial s':>11} {'no change s':>12} {'one photo s':>12} {'items made':>10} {'peak GiB':>9}")
     results = [measure(size, args.out) for size in sorted(args.sizes)]
     print()
     for a, b in zip(results, results[1:]):

@@ -13,7 +13,7 @@ from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
 from tasks.evaluate import evaluate_task, plan_evaluations_task
-from tasks.tune import device_slots, ensure_gpu_limit_task
+from tasks.tune import device_slots, device_task_runner, ensure_gpu_limit_task
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EvaluateRun:
         return "\n".join(lines)
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, task_runner=device_task_runner())
 def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list[str] | None = None,
                   config: Config | None = None) -> EvaluateRun:
     """Evaluate each subject's current model per method, unless already evaluated as configured."""

@@ -14,7 +14,7 @@ from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
 from subjectflow.tuning.runs import TuneOutcome
 from tasks.tune import (
-    device_slots, ensure_gpu_limit_task, generate_task, jedi_negatives_task, needs_tuning_task, negatives_task,
+    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, jedi_negatives_task, needs_tuning_task, negatives_task,
     sfo_joint_task, tune_subject_task,
 )
 
@@ -58,7 +58,7 @@ def _finish(root: Path, run: TuneRun, config: Config) -> TuneRun:
     return run
 
 
-@flow(name="tune", log_prints=True)
+@flow(name="tune", log_prints=True, task_runner=device_task_runner())
 def tune_flow(catalog: str, method: str = "sfo", subjects: list[str] | None = None, config: Config | None = None,
               target: str = "subject") -> TuneRun:
     """Tune the given subjects, or every subject whose adapter is missing or stale.
@@ -78,7 +78,7 @@ def tune_flow(catalog: str, method: str = "sfo", subjects: list[str] | None = No
     return _finish(root, _collect(futures, todo), config)
 
 
-@flow(name="negatives", log_prints=True)
+@flow(name="negatives", log_prints=True, task_runner=device_task_runner())
 def negatives_flow(catalog: str, subjects: list[str] | None = None, config: Config | None = None,
                    generator: str = "sft") -> TuneRun:
     """CDNS negatives per subject, sampled by its SFT adapter (img2img) or by the JeDi model."""

@@ -72,3 +72,28 @@ def test_without_a_prefect_server_device_slots_are_taken_in_process(monkeypatch)
         assert not tune_tasks._local_slots.acquire(blocking=False)  # the one CPU slot is taken
     assert tune_tasks._local_slots.acquire(blocking=False)
     tune_tasks._local_slots.release()
+
+
+def test_flows_that_map_model_tasks_run_them_on_one_thread_per_device():
+    # A thread per mapped subject (Prefect's default) kept thousands of threads' native
+    # memory alive in a 1,000-subject refresh.
+    import threading
+
+    from prefect import flow, task
+
+    from flows.evaluate import evaluate_flow
+    from flows.tune import negatives_flow
+    from tasks.tune import device_slots, device_task_runner
+
+    for mapped in (tune_flow, negatives_flow, evaluate_flow):
+        assert mapped.task_runner._max_workers == device_slots(), mapped.name
+
+    @task
+    def where(_: int) -> int:
+        return threading.get_ident()
+
+    @flow(task_runner=device_task_runner())
+    def many() -> set[int]:
+        return {future.result() for future in where.map(range(12))}
+
+    assert len(many()) <= device_slots()
