@@ -3,8 +3,8 @@
 An evaluation's id hashes everything that decides its numbers: the subject's photos, the
 method's current adapter or model, the prompt set, seeds, sampling settings and scoring
 settings. So a refresh re-evaluates exactly what changed, and an unchanged catalog finds
-every evaluation already in `metrics`. (Replacing a scoring model's files under the same
-name is not noticed: point `evaluate.dino_model` / `clip_model` at the new one.)
+every evaluation already in `metrics`. The scoring models count by identity (a hub
+snapshot's commit, a local folder's configs and weight files), not only by the name in config.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ..catalog import Catalog
+from ..catalog.layout import MODELS_DIR
 from ..catalog.schemas import ADAPTERS, METRICS
 from ..catalog.store import utcnow
 from ..config import Config, stable_hash
@@ -27,7 +28,7 @@ from ..tuning.runs import Subject, TuningError, load_subjects, target_adapter_id
 from .dreambench import read_prompt_file
 from .metrics import MaskFn, score_subject
 from .prompts import PromptSet, evaluation_prompts
-from .scorers import Scorers
+from .scorers import Scorers, scorer_names
 
 ADAPTER_METHODS = ("sft", "sfo")
 
@@ -48,8 +49,9 @@ class EvaluationPlan:
     unavailable: list[str]  # "subject/method: why" (no current model yet)
 
 
-def _settings(config: Config) -> dict:
+def _settings(config: Config, models_dir: Path) -> dict:
     return {"evaluate": config.evaluate.model_dump(mode="json"),
+            "scorers": scorer_names(config.evaluate, models_dir),
             "generate": config.generate.model_dump(exclude={"seed"}),
             "joint": config.joint.model_dump(include={"references", "max_references", "image_guidance",
                                                       "text_guidance"})}
@@ -77,7 +79,7 @@ def plan_evaluations(catalog: Catalog, config: Config, base: str, subjects: list
     evaluated = set(catalog.read(METRICS.name).column("evaluation_id").to_pylist())
     joint = _joint_models(catalog, config, base, methods)
     plan = EvaluationPlan([], [], [])
-    prompts, settings = prompt_set(config), _settings(config)
+    prompts, settings = prompt_set(config), _settings(config, catalog.root / MODELS_DIR)
     for subject in load_subjects(catalog, subjects or None):
         for method in methods:
             label = f"{subject.name}/{method}"

@@ -111,6 +111,20 @@ class Scorers:
     proxy: bool = True
 
 
+def scorer_names(config: EvaluateConfig, models_dir: Path | None = None) -> dict[str, str]:
+    """Identities of the DINO and CLIP models `load_scorers` would load, without loading them.
+
+    An evaluation's id includes them, so pointing config at another model, or saving a
+    new model into the same folder, re-scores instead of reusing old numbers.
+    """
+    names = {}
+    for key, model, what, random_name in (("dino", config.dino_model, "DINO", _random_name("ViTModel")),
+                                          ("clip", config.clip_model, "CLIP", _random_name("CLIPModel"))):
+        found = _locate(model, what, f"evaluate.{key}_model", config.fallback, models_dir)
+        names[key] = found[1] if found else random_name
+    return names
+
+
 def load_scorers(config: EvaluateConfig, *, device: str | torch.device = "cpu",
                  models_dir: Path | None = None) -> Scorers:
     return Scorers(
@@ -164,7 +178,7 @@ def random_dino(seed: int = RANDOM_SEED) -> DinoScorer:
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         vit = ViTModel(config, add_pooling_layer=False)
-    return DinoScorer(name=f"{RANDOM_TEST}:ViTModel@seed{seed}", kind=RANDOM_TEST, model=vit,
+    return DinoScorer(name=_random_name("ViTModel", seed), kind=RANDOM_TEST, model=vit,
                       preprocess=functools.partial(resize_normalise, side=_TINY_IMAGE))
 
 
@@ -184,8 +198,12 @@ def random_clip(seed: int = RANDOM_SEED) -> ClipScorer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = CLIPModel(config)
-    return ClipScorer(name=f"{RANDOM_TEST}:CLIPModel@seed{seed}", kind=RANDOM_TEST, model=clip,
+    return ClipScorer(name=_random_name("CLIPModel", seed), kind=RANDOM_TEST, model=clip,
                       preprocess=functools.partial(resize_normalise, side=_TINY_IMAGE), tokenizer=tokenizer)
+
+
+def _random_name(model_class: str, seed: int = RANDOM_SEED) -> str:
+    return f"{RANDOM_TEST}:{model_class}@seed{seed}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -247,10 +265,12 @@ def _locate(model: str, what: str, key: str, fallback: str, models_dir: Path | N
 
 
 def _folder_digest(folder: Path) -> str:
-    """Identifies a local model cheaply: its config and the names and sizes of its weight files."""
-    config = folder / "config.json"
-    weights = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name.endswith(_WEIGHT_SUFFIXES)}
-    return stable_hash({"config": config.read_text() if config.is_file() else None, "weights": weights})[:12]
+    """Identifies a local model cheaply: its JSON configs (model, processor, tokenizer) and
+    the names, sizes and modification times of its weight files."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    configs = {p.name: p.read_text() for p in files if p.suffix == ".json"}
+    weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.name.endswith(_WEIGHT_SUFFIXES)}
+    return stable_hash({"configs": configs, "weights": weights})[:12]
 
 
 def _from_folder(model_class: type, folder: Path, name: str, **kwargs: object) -> ViTModel | CLIPModel:

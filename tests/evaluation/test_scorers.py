@@ -12,6 +12,7 @@ from PIL import Image
 
 from subjectflow.config import EvaluateConfig
 from subjectflow.evaluation import RANDOM_TEST, load_clip, load_dino, load_scorers, random_clip, random_dino
+from subjectflow.evaluation.scorers import scorer_names
 from subjectflow.models.loading import ModelNotAvailable
 
 NOT_CACHED = "subjectflow-tests/no-such-scorer"
@@ -154,3 +155,19 @@ def test_a_folder_holding_another_model_is_refused(offline, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotAvailable, match=r"not a transformers model folder"):
         load_dino(str(tmp_path / "empty"))
+
+
+def test_scorer_names_identify_the_models_without_loading_them(offline, tmp_path):
+    fallback = EvaluateConfig(dino_model=NOT_CACHED, clip_model=NOT_CACHED, fallback="random-test")
+    loaded = load_scorers(fallback)
+    assert scorer_names(fallback) == {"dino": loaded.dino.name, "clip": loaded.clip.name}
+
+    _save_dino(tmp_path / "dino"), _save_clip(tmp_path / "clip")
+    saved = EvaluateConfig(dino_model=str(tmp_path / "dino"), clip_model=str(tmp_path / "clip"))
+    loaded = load_scorers(saved)
+    assert scorer_names(saved) == {"dino": loaded.dino.name, "clip": loaded.clip.name}
+
+    # Another model saved into the same folder is another scorer.
+    random_dino(seed=4).model.save_pretrained(tmp_path / "dino")
+    assert scorer_names(saved)["dino"] != loaded.dino.name
+    assert scorer_names(saved)["clip"] == loaded.clip.name

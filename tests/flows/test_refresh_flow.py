@@ -84,5 +84,17 @@ def test_cli_refresh_evaluate_and_dashboard(tmp_path, capfd):
     assert "dashboard:" in capfd.readouterr().out
     assert cli("evaluate", "--method", "sft") == 0
     assert "already current 1" in capfd.readouterr().out
+    # A real scoring model in place of the random-test one re-scores: old numbers are not reused.
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                       image_size=64, patch_size=16), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    scored = config.model_copy(update={"evaluate": config.evaluate.model_copy(
+        update={"dino_model": str(tmp_path / "dino")})})
+    (catalog.root / "params.yaml").write_text(yaml.safe_dump(scored.model_dump(mode="json")))
+    assert cli("evaluate", "--method", "sft") == 0
+    assert "evaluated 1, already current 0" in capfd.readouterr().out
+    dino = {m["scorer"] for m in catalog.read("metrics").to_pylist() if m["metric"] == "dino"}
+    assert any(name.startswith(str(tmp_path / "dino")) for name in dino) and len(dino) == 2
     assert cli("dashboard", "--out", str(tmp_path / "elsewhere")) == 0
     assert (tmp_path / "elsewhere" / "index.html").exists()
