@@ -99,9 +99,10 @@ def time_training(unet, config, side, device, set_size: int, steps: int, warmup:
     """Steps/s of loop.train(JointObjective) on random sets of `set_size` members."""
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(4, set_size, 4, side, side, generator=g).to(device)
-    embeds = torch.randn(4, set_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    captions = torch.randn(4 * set_size, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    set_captions = torch.arange(4 * set_size, device=device).view(4, set_size)
     trainable = add_lora(unet, 16, "bench", seed=0)
-    objective = JointObjective(unet, DDPMScheduler.from_config(config), latents, embeds, trainable,
+    objective = JointObjective(unet, DDPMScheduler.from_config(config), latents, captions, set_captions, trainable,
                                adapter_name="bench")
     marks: list[float] = []
 

@@ -101,7 +101,8 @@ class JointObjective:
     unet: torch.nn.Module  # coupled with set size = members per set
     scheduler: object
     set_latents: torch.Tensor  # [S, N, C, h, w]
-    set_embeds: torch.Tensor  # [S, N, L, D] each member's caption
+    captions: torch.Tensor  # [U, L, D] each distinct caption's text embedding
+    set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
     trainable: list[torch.nn.Parameter]
     sets_per_step: int = 1
     adapter_name: str | None = JEDI  # None: the full UNet trains
@@ -118,7 +119,7 @@ class JointObjective:
         index = torch.randint(0, sets, (self.sets_per_step,), generator=generator, device=generator.device)
         index = index.to(self.set_latents.device)
         x0 = self.set_latents[index].flatten(0, 1)  # [B*N, C, h, w], sets consecutive
-        embeds = self.set_embeds[index].flatten(0, 1)
+        embeds = self.captions[self.set_captions[index].flatten(0, 1).to(self.captions.device)]  # [B*N, L, D]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         steps = int(self.scheduler.config.num_train_timesteps)
         t = torch.randint(0, steps, (self.sets_per_step,), generator=generator, device=generator.device)
@@ -139,18 +140,28 @@ class JointObjective:
 
 
 def _embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Each distinct caption's [L, D] text embedding, computed once."""
     return {c: encode_prompt(parts.tokenizer, parts.text_encoder, c)[0] for c in sorted(set(captions))}
 
 
-def _set_tensors(catalog: Catalog, parts: ModelParts, rows: list[dict], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream the sets from their shards into latents [S, N, C, h, w] and embeds [S, N, L, D]."""
+def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict],
+                 resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stream the sets from their shards into latents [S, N, C, h, w], the distinct
+    captions' embeddings [U, L, D] and each member's caption index [S, N].
+
+    Embeddings are kept once per caption, not per member: a subject's sets share a few
+    captions, and [S, N, 77, 768] floats would be GBs at a thousand subjects.
+    """
     sets = list(read_sets(catalog, sorted({r["shard"] for r in rows}), {r["set_id"] for r in rows}))
     sets.sort(key=lambda s: s.set_id)
-    captions = _embed_all(parts, [c for s in sets for c in s.captions])
+    embedded = _embed_all(parts, [c for s in sets for c in s.captions])
+    position = {caption: i for i, caption in enumerate(embedded)}
+    captions = torch.stack(list(embedded.values()))
+    set_captions = torch.tensor([[position[c] for c in s.captions] for s in sets])
     latents = torch.stack([encode_latents(parts.vae, torch.stack([image_tensor(im, resolution) for im in s.images]))
                            for s in sets])
-    embeds = torch.stack([torch.stack([captions[c] for c in s.captions]) for s in sets])
-    return latents.to(parts.unet.device), embeds.to(parts.unet.device)
+    device = parts.unet.device
+    return latents.to(device), captions.to(device), set_captions.to(device)
 
 
 def train_joint(catalog: Catalog, config: Config, parts: ModelParts, base: str,
@@ -159,7 +170,7 @@ def train_joint(catalog: Catalog, config: Config, parts: ModelParts, base: str,
     rows = current_sets(catalog, config)
     model_id = joint_model_id(catalog, config, base)
     cfg = config.joint
-    latents, embeds = _set_tensors(catalog, parts, rows, config.train.resolution)
+    latents, captions, set_captions = encode_sets(catalog, parts, rows, config.train.resolution)
     if config.train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
@@ -168,8 +179,8 @@ def train_joint(catalog: Catalog, config: Config, parts: ModelParts, base: str,
     else:
         parts.unet.requires_grad_(True)
         trainable = list(parts.unet.parameters())
-    objective = JointObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable, cfg.sets_per_step,
-                               JEDI if cfg.weights == "lora" else None)
+    objective = JointObjective(parts.unet, parts.noise_scheduler, latents, captions, set_captions, trainable,
+                               cfg.sets_per_step, JEDI if cfg.weights == "lora" else None)
     with coupled(parts.unet, config.jointsets.set_size):
         result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, cfg.steps,
                        cfg.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)

@@ -4,12 +4,15 @@ set-completion samples, JeDi negatives and zero-shot SFO, through the CLI."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from flows.cli import main
 from subjectflow.catalog import list_versions
 from subjectflow.jointsets import build_jointsets
-from subjectflow.tuning.joint import train_joint
+from subjectflow.jointsets import read_sets
+from subjectflow.tuning.data import encode_prompt
+from subjectflow.tuning.joint import current_sets, encode_sets, train_joint
 from subjectflow.tuning.runs import open_model
 from tests.tuning.conftest import ingested_catalog, tiny_config
 
@@ -67,3 +70,19 @@ def test_a_resumed_joint_training_equals_an_uninterrupted_one(tmp_path, weights)
             row = train_joint(catalog, config, parts, base, stop_after=stop)
         made.append(catalog.blob_path(row["file"]).read_bytes())
     assert made[0] == made[1]
+
+
+def test_joint_training_keeps_one_text_embedding_per_distinct_caption(tmp_path):
+    config = tiny_config(jointsets={"resolution": 32, "sets_per_subject": 2})
+    catalog = ingested_catalog(tmp_path)
+    build_jointsets(catalog, config.jointsets, say=lambda _: None)
+    parts, _ = open_model(catalog, config)
+    rows = current_sets(catalog, config)
+    latents, captions, set_captions = encode_sets(catalog, parts, rows, 32)
+
+    sets = sorted(read_sets(catalog, sorted({r["shard"] for r in rows})), key=lambda s: s.set_id)
+    assert latents.shape[:2] == set_captions.shape == (len(sets), config.jointsets.set_size)
+    assert captions.shape[0] == len({c for s in sets for c in s.captions}) < set_captions.numel()
+    for members, indices in zip(sets, set_captions):
+        for caption, i in zip(members.captions, indices):
+            torch.testing.assert_close(captions[i], encode_prompt(parts.tokenizer, parts.text_encoder, caption)[0])
