@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "refresh")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{'subjects':>9} {'initial s':>11} {'no change s':>12} {'one photo s':>12} {'items made':>10} {'peak GiB':>9}")
+    print(f"{'subjects':>9} {'initial s':>11} {'no change s':>12} {'one photo s':>12} {'items made':>10}"
+          f" {'peak GiB':>9}")
     results = [measure(size, args.out) for size in sorted(args.sizes)]
     print()
     for a, b in zip(results, results[1:]):

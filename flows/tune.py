@@ -14,8 +14,8 @@ from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
 from subjectflow.tuning.runs import TuneOutcome
 from tasks.tune import (
-    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, jedi_negatives_task, needs_tuning_task, negatives_task,
-    sfo_joint_task, tune_subject_task,
+    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, jedi_negatives_task, needs_tuning_task,
+    negatives_task, sfo_joint_task, tune_subject_task,
 )
 
 

@@ -119,7 +119,7 @@ class JointObjective:
         index = torch.randint(0, sets, (self.sets_per_step,), generator=generator, device=generator.device)
         index = index.to(self.set_latents.device)
         x0 = self.set_latents[index].flatten(0, 1)  # [B*N, C, h, w], sets consecutive
-        embeds = self.captions[self.set_captions[index].flatten(0, 1).to(self.captions.device)]  # [B*N, L, D]
+        embeds = self.captions[self.set_captions[index].flatten(0, 1)]  # [B*N, L, D]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         steps = int(self.scheduler.config.num_train_timesteps)
         t = torch.randint(0, steps, (self.sets_per_step,), generator=generator, device=generator.device)
@@ -145,7 +145,7 @@ def _embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor
 
 
 def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict],
-                 resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stream the sets from their shards into latents [S, N, C, h, w], the distinct
     captions' embeddings [U, L, D] and each member's caption index [S, N].
 
