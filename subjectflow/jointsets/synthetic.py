@@ -4,9 +4,9 @@ The model is asked for one wide collage of several views of the subject's class;
 collage is split into `set_size` panels and kept only if every panel shows an object
 (its mask covers at least `min_coverage`) whose colours resemble the subject's real
 photos (intersection of masked colour histograms, the evaluation proxy's, at least
-`min_similarity`). Without a
-subject-specific model these sets teach "same object across views" in general, which is
-what the joint model needs; the filters keep off-subject collages out.
+`min_similarity`). Without a subject-specific model these sets teach "same object across
+views" in general, which is what the joint model needs; the filters keep off-subject
+collages out.
 """
 
 from __future__ import annotations
