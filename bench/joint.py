@@ -3,13 +3,13 @@
 Sampling: seconds per generated image, denoising loop only (the VAE decode and text
 encoding are the same for both and left out), same scheduler (DDIM) and steps:
   plain txt2img  one UNet call per step on [uncond, cond] (diffusers' CFG batch of 2).
-  jedi K refs    subjectflow.methods.jedi.complete_set with K reference latents, one new
+  jedi K refs    subjectflow.methods.jedi.attention.complete_set with K reference latents, one new
                  image: per step one coupled call on two sets of K+1 images plus one call
                  on the new image alone (the three compositional guidance terms).
 Expected cost grows with set size: about (2(K+1) + 1) / 2 UNet images per step, more once
 attention over K+1 images' tokens dominates; the printed ratio is the measured one.
 
-Training: subjectflow.tuning.loop.train(JointObjective) steps/s and member images/s per set
+Training: subjectflow.training.loop.train(JointObjective) steps/s and member images/s per set
 size, next to one SFT-style step on a single image (set size 1) as the baseline.
 
 Models: tiny = the project's build_pipeline(seed=0) UNet at 32x32 latents; sd15 = SD 1.5's
@@ -33,12 +33,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from subjectflow.config import TrainConfig
-from subjectflow.methods.jedi import complete_set, coupled
+from subjectflow.methods.jedi.attention import complete_set, coupled
 from subjectflow.models.loading import resolve_device
 from subjectflow.models.tiny import build_pipeline
-from subjectflow.tuning.adapters import add_lora
-from subjectflow.tuning.joint import JointObjective
-from subjectflow.tuning.loop import train
+from subjectflow.training.adapters import add_lora
+from subjectflow.methods.jedi.model import JointObjective
+from subjectflow.training.loop import train
 from tune import SD15_UNET  # bench/tune.py: run as a script, bench/ is on sys.path
 
 

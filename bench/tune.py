@@ -4,7 +4,7 @@ All rows share one UNet, one set of inputs and the same LoRAs ("sft" rank --rank
 "sfo" rank --rank-sfo, on to_q/to_k/to_v/to_out.0, fp32 over a --precision base):
   bare SFT      written here, diffusers-style: noise, uniform t, add_noise, UNet, MSE,
                 backward, AdamW step, zero_grad. Nothing else.
-  pipeline SFT  subjectflow.tuning.loop.train(SftObjective(...)), as train_sft runs it.
+  pipeline SFT  subjectflow.training.loop.train(SftObjective(...)), as train_sft runs it.
   bare SFO      no-grad reference pass (SFT adapter only), policy pass (SFT + SFO) on the
                 stacked positive/negative batch, DPO-style loss, backward, step.
   pipeline SFO  loop.train(SfoObjective(...)), as train_sfo runs it.
@@ -55,9 +55,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from subjectflow.config import SfoConfig, TrainConfig
 from subjectflow.models.loading import resolve_device
 from subjectflow.models.tiny import build_pipeline
-from subjectflow.tuning.adapters import add_lora, freeze_all_but
-from subjectflow.tuning.loop import train
-from subjectflow.tuning.objectives import SfoObjective, SftObjective
+from subjectflow.training.adapters import add_lora, freeze_all_but
+from subjectflow.training.loop import train
+from subjectflow.methods.sfo.objective import SfoObjective
+from subjectflow.methods.sft import SftObjective
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that shape compute
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

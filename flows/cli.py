@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from subjectflow.catalog import BLOB_KINDS, TABLES, Catalog, CatalogError, init_catalog, list_versions
 from subjectflow.config import ConfigError, load_config
 from subjectflow.ingest import SourceError
@@ -28,21 +30,37 @@ def default_catalog() -> str:
     return str(Path(top.stdout.strip()) / "catalog") if top.returncode == 0 else "catalog"
 
 
+METHOD_HELP = "method (repeatable; default: evaluate.methods; `subjectflow methods` lists them)"
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override any params.yaml setting for this run, e.g. --set train.learning_rate=1e-4")
+
+
 def _add_catalog(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", metavar="PATH", default=None,
                         help="catalog directory (default: $SUBJECTFLOW_CATALOG or the repository's catalog/)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Command-line flags as config overrides (section -> key -> value)."""
+    """Command-line flags as config overrides (section -> key -> value); `--set` last."""
     flags = {("ingest", "workers"): "workers", ("ingest", "resolution"): "resolution",
-             ("train", "steps"): "steps", ("sfo", "steps"): "sfo_steps", ("model", "base"): "model",
-             ("generate", "steps"): "sample_steps", ("joint", "steps"): "joint_steps",
-             ("jointsets", "set_size"): "set_size"}
+             ("train", "steps"): "steps", ("model", "base"): "model",
+             ("generate", "steps"): "sample_steps", ("jointsets", "set_size"): "set_size"}
     overrides: dict[str, dict[str, Any]] = {}
     for (section, key), flag in flags.items():
         if getattr(args, flag, None) is not None:
             overrides.setdefault(section, {})[key] = getattr(args, flag)
+    for item in getattr(args, "set", None) or []:
+        path, sep, value = item.partition("=")
+        keys = path.split(".")
+        if not sep or len(keys) < 2 or not all(keys):
+            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+        node = overrides
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(value) if value else value
     if getattr(args, "no_version", False):
         overrides["versioning"] = {"enabled": False}
     return overrides
@@ -146,23 +164,15 @@ def cmd_jointsets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_joint(args: argparse.Namespace) -> int:
-    from flows.joint import train_joint_flow
-
-    catalog, config = _config(args)
-    if not config.joint.enabled:
-        print("joint.enabled is false in params.yaml: the JeDi joint model is not trained")
-        return 0
-    print(train_joint_flow(str(catalog.root), config).summary())
-    return 0
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
-    from flows.tune import tune_flow
+    from flows.tune import tune_methods_flow
+    from subjectflow.methods import registry
 
     catalog, config = _config(args)
-    subjects = None if args.target == "joint" else _subjects(args)
-    run = tune_flow(str(catalog.root), args.method, subjects, config, target=args.target)
+    methods = args.method or list(config.evaluate.methods)
+    if not (args.subject or args.all or all(registry.get(m).shared for m in methods)):
+        raise ConfigError("name the subjects with --subject NAME (repeatable), or pass --all")
+    run = tune_methods_flow(str(catalog.root), methods, args.subject or None, config)
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -171,7 +181,7 @@ def cmd_negatives(args: argparse.Namespace) -> int:
     from flows.tune import negatives_flow
 
     catalog, config = _config(args)
-    run = negatives_flow(str(catalog.root), args.subject or None, config, generator=args.generator)
+    run = negatives_flow(str(catalog.root), args.method, args.subject or None, config)
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -183,10 +193,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     subjects = _subjects(args)
     if subjects is None:
         subjects = sorted(catalog.read("subjects").column("subject_id").to_pylist())
-    samples = generate_flow(str(catalog.root), args.prompt, subjects, args.method, args.n, args.adapter, config,
-                            references=args.references)
+    method = None if args.method == "base" else args.method
+    samples = generate_flow(str(catalog.root), args.prompt, subjects, method, args.n, config, args.references)
     for row in samples:
-        print(f"{row['subject_id'] or '-':<20} {row['method']:<5} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")
+        print(f"{row['subject_id'] or '-':<20} {row['method']:<8} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from subjectflow.methods import registry
+
+    config = load_config(_open(args).params_file) if args.verbose else None
+    print(registry.describe(args.verbose, config))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from subjectflow.methods import registry
+    from subjectflow.methods.base import Context
+    from subjectflow.training.artefacts import base_model_id, open_model
+
+    catalog, config = _config(args)
+    ctx = Context(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0])
+    out = Path(args.out)
+    for path in registry.export(ctx, args.method, args.subject, out):
+        print(path)
+    print(f"{out / 'manifest.json'}")
     return 0
 
 
@@ -256,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subjectflow",
         description="Versioned pipeline for subject-driven image generation: ingest product photo sets, "
-                    "tune per subject (SFT, SFO) or personalise with JeDi, evaluate, and keep it all in a "
+                    "tune or personalise with the registered methods (`subjectflow methods`), evaluate, and keep it all in a "
                     "DVC-tracked catalog of Parquet tables with a static dashboard.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="side of the square training copy (default: ingest.resolution)")
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version (for `dvc repro`)")
 
-    p = command("refresh", cmd_refresh, "the nightly job: ingest -> tune -> joint sets -> joint model -> evaluate "
-                "-> version -> dashboard, each step only for what changed")
+    p = command("refresh", cmd_refresh, "the nightly job: ingest -> joint sets -> tune each evaluated method "
+                "-> evaluate -> version -> dashboard, each step only for what changed")
     _add_catalog(p)
     p.add_argument("--source", help="override ingest.source from params.yaml")
     p.add_argument("--dashboard", metavar="DIR", help="where to write the dashboard (default: dashboard/ beside the catalog)")
@@ -287,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", cmd_evaluate, "score subjects' current models: DINO, CLIP-I, CLIP-T, masked and "
                 "diversity metrics into the metrics table")
     p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
-    p.add_argument("--method", action="append", choices=["sft", "sfo", "jedi", "jedi-sfo"],
-                   help="method (repeatable; default: evaluate.methods)")
+    p.add_argument("--method", action="append", help=METHOD_HELP)
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
@@ -300,64 +331,61 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("benchmark", cmd_benchmark, "run a published protocol and print the paper-style table")
     p.add_argument("protocol", choices=["dreambench"], help="the protocol")
     p.add_argument("--data", required=True, help="a DreamBench-layout folder (subject folders + prompts_and_classes.txt)")
-    p.add_argument("--method", action="append", choices=["sft", "sfo", "jedi", "jedi-sfo"],
-                   help="method (repeatable; default: evaluate.methods)")
+    p.add_argument("--method", action="append", help=METHOD_HELP)
     p.add_argument("--catalog", metavar="PATH", default=None,
                    help="catalog for the run (default: .benchmark/dreambench, created if missing)")
 
     p = command("jointsets", cmd_jointsets,
-                "build JeDi joint-image sets (augmented photos, optional synthetic collages) as sharded Parquet")
+                "build joint-image sets (augmented photos, optional synthetic collages) as sharded Parquet")
     p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
     p.add_argument("--set-size", type=int, help="images per set (default: jointsets.set_size)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
-    p = command("train-joint", cmd_train_joint,
-                "train the JeDi joint-image model (coupled self-attention) on the joint sets; resumes from checkpoints")
-    p.add_argument("--joint-steps", type=int, help="training steps (default: joint.steps)")
-    p.add_argument("--model", help="base model (default: model.base)")
+    p = command("methods", cmd_methods, "list the registered methods, what each needs and its config sections")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each method's settings from params.yaml")
     _add_catalog(p)
-    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
-    p = command("tune", cmd_tune, "train per-subject adapters: sft (DreamBooth-LoRA) or sfo (on CDNS negatives)")
+    p = command("tune", cmd_tune, "make methods' artefacts (per-subject adapters, shared models), each after "
+                "what it needs; resumes from checkpoints")
+    p.add_argument("--method", action="append", help=METHOD_HELP)
     p.add_argument("--subject", action="append", help="subject to tune (repeatable)")
-    p.add_argument("--all", action="store_true", help="every subject whose adapter is missing or stale")
-    p.add_argument("--method", choices=["sft", "sfo"], default="sfo",
-                   help="sfo makes its SFT adapter and negatives first when missing (default: sfo)")
-    p.add_argument("--steps", type=int, help="SFT training steps (default: train.steps)")
-    p.add_argument("--sfo-steps", type=int, help="SFO training steps (default: sfo.steps)")
-    p.add_argument("--target", choices=["subject", "joint"], default="subject",
-                   help="subject: one adapter per subject; joint: one zero-shot SFO LoRA on the JeDi model "
-                        "from every subject's CDNS pairs (default: subject)")
+    p.add_argument("--all", action="store_true", help="every subject whose artefact is missing or stale")
+    p.add_argument("--steps", type=int, help="training steps of the shared loop (default: train.steps)")
+    _add_set(p)
     p.add_argument("--model", help="base model: tiny-sd, a local diffusers folder or a cached hub id (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
     p = command("negatives", cmd_negatives, "make CDNS negatives (blurred reference + generic prompt) per photo")
+    p.add_argument("--method", required=True,
+                   help="the method whose negatives to make, with its generator (`subjectflow methods` lists them)")
     p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
-    p.add_argument("--generator", choices=["sft", "jedi"], default="sft",
-                   help="sft: the subject's SFT adapter, img2img; jedi: the joint model completing a set whose "
-                        "known member is the blurred photo (default: sft)")
+    _add_set(p)
     p.add_argument("--model", help="base model (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
-    p = command("generate", cmd_generate, "sample images with a subject's adapter and register them in `samples`")
+    p = command("generate", cmd_generate, "sample images with a method's current artefact and register them in `samples`")
+    p.add_argument("--method", required=True, help="a registered method, or base for the base model alone")
     p.add_argument("--subject", action="append", help="subject (repeatable)")
     p.add_argument("--all", action="store_true", help="every subject")
     p.add_argument("--prompt", default="a photo of {subject}",
-                   help="prompt; {subject} becomes the identifier + class noun (default: %(default)r)")
-    p.add_argument("--method", choices=["base", "sft", "sfo", "jedi", "jedi-sfo"], default="sfo",
-                   help="base model, a subject adapter (sft, sfo), or JeDi set completion from the subject's photos, "
-                        "optionally with the zero-shot SFO LoRA (jedi, jedi-sfo) (default: sfo)")
+                   help="prompt; {subject} becomes the method's name for the subject (default: %(default)r)")
     p.add_argument("--references", type=int,
-                   help="jedi: how many of the subject's photos are the known set members (default: joint.max_references)")
-    p.add_argument("--adapter", help="an adapter_id from the adapters table (overrides --method's choice)")
+                   help="methods that complete a photo set: how many of the subject's photos are shown")
     p.add_argument("--n", type=int, default=1, help="images per subject (default: 1)")
     p.add_argument("--sample-steps", type=int, help="sampling steps (default: generate.steps)")
+    _add_set(p)
     p.add_argument("--model", help="base model (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+
+    p = command("export", cmd_export, "copy a method's current weights (and what they stack on) with a manifest")
+    p.add_argument("--method", required=True, help="the method (`subjectflow methods` lists them)")
+    p.add_argument("--subject", help="the subject, for per-subject methods")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the weights and manifest.json into")
+    _add_catalog(p)
 
     catalog = command("catalog", lambda a: 2, "inspect a catalog")
     csub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")

@@ -2,7 +2,7 @@
 
 The demo never touches the user's repository: its catalog is a separate git + DVC
 repository under `.demo/` (ignored by the project's git), with the dashboard beside it.
-It runs the whole `catalog-refresh` (ingest, SFT/CDNS/SFO, joint sets, JeDi, evaluation,
+It runs the whole `catalog-refresh` (ingest, joint sets, every evaluated method, evaluation,
 version, dashboard) and then refreshes again to show that nothing changed costs seconds.
 On the embedded tiny-sd model its images show that the pipeline works, not what a real
 model makes, and its scores come from random-test scorers (flagged as such).
@@ -21,17 +21,9 @@ from subjectflow.catalog import init_catalog
 from subjectflow.config import Config, load_config
 from subjectflow.demo_photos import write_photo_sets
 
-# Small photos, 64 px training and short runs keep the whole demo to a few minutes on 2 cores.
-DEMO_OVERRIDES = {
-    "ingest": {"resolution": 128, "thumbnail_size": 96},
-    "train": {"resolution": 64, "steps": 60, "checkpoint_every": 30, "learning_rate": 1e-3},
-    "sfo": {"steps": 30, "learning_rate": 1e-3},
-    "negatives": {"steps": 10},
-    "generate": {"resolution": 64, "steps": 10},
-    "jointsets": {"resolution": 64, "sets_per_subject": 4},
-    "evaluate": {"prompts": 1, "images_per_prompt": 2},
-    "joint": {"steps": 30, "learning_rate": 1e-3, "max_references": 2},
-}
+# Small photos, 64 px training and short runs keep the whole demo to a few minutes on 2
+# cores; the settings are data beside this file so the flow itself names no method.
+DEMO_PARAMS = Path(__file__).with_name("demo.yaml")
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,7 @@ class DemoRun:
 
 
 def demo_config() -> Config:
-    return load_config(overrides=DEMO_OVERRIDES)
+    return load_config(DEMO_PARAMS)
 
 
 @flow(name="demo", log_prints=True)

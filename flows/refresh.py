@@ -1,7 +1,8 @@
 """The nightly `catalog-refresh`: the whole pipeline, incrementally, then one version.
 
-ingest -> tune (SFT -> CDNS negatives -> SFO per stale subject) -> joint sets -> joint
-model -> evaluate what is new -> record the run -> version -> dashboard.
+ingest -> joint sets -> tune each method evaluate.methods names (in registry order, each
+making what it needs first, per stale subject or once when shared) -> evaluate what is new
+-> record the run -> version -> dashboard.
 
 Every stage skips what is current (ids hash their inputs), so an unchanged catalog
 refreshes in seconds and a new photo re-runs only what depends on it. Stages run with
@@ -23,13 +24,14 @@ from prefect.runtime import flow_run
 
 from flows.evaluate import evaluate_flow
 from flows.ingest import config_for, ingest_flow
-from flows.joint import jointsets_flow, train_joint_flow
+from flows.joint import jointsets_flow
 from flows.tune import tune_flow
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion, list_versions
 from subjectflow.catalog.history import RunRecord, record_run
 from subjectflow.config import Config
 from subjectflow.dashboard import build_dashboard
+from subjectflow.methods import registry
 
 
 def configured_source(catalog: Catalog, config: Config) -> str:
@@ -77,22 +79,18 @@ def _account_ingest(record: RunRecord, run) -> None:
         record.failed(f"ingest {uri}", f"quarantined: {reason}")
 
 
-def _account_tune(record: RunRecord, run) -> None:
+def _account_tune(record: RunRecord, method: str, run) -> None:
     for outcome in run.outcomes:
         record.ran += [f"{outcome.subject}: {item}" for item in outcome.made]
         record.reused += [f"{outcome.subject}: {item}" for item in outcome.reused]
-    for subject, why in run.failures.items():
-        record.failed(f"tune {subject}", why)
+    for label, why in run.failures.items():
+        record.failed(f"tune {method}" if label == method else f"tune {method} {label}", why)
 
 
 def _account_jointsets(record: RunRecord, run) -> None:
     for subject, made in run.report.made.items():
         (record.ran if made else record.reused).append(
             f"{subject}: {made or run.report.reused[subject]} joint sets")
-
-
-def _account_joint(record: RunRecord, run) -> None:
-    (record.ran if run.made else record.reused).append(f"jedi model {run.model['model_id']}")
 
 
 def _account_evaluate(record: RunRecord, run) -> None:
@@ -123,11 +121,11 @@ def catalog_refresh(catalog: str = "catalog", source: str | None = None, config:
 
     _stage(record, "ingest", lambda: ingest_flow(source or configured_source(opened, config), root, staged),
            lambda run: _account_ingest(record, run))
-    _stage(record, "tune", lambda: tune_flow(root, "sfo", None, staged), lambda run: _account_tune(record, run))
     _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
            lambda run: _account_jointsets(record, run))
-    if config.joint.enabled:
-        _stage(record, "train-joint", lambda: train_joint_flow(root, staged), lambda run: _account_joint(record, run))
+    for method in registry.targets(config, config.evaluate.methods):
+        _stage(record, f"tune {method}", lambda m=method: tune_flow(root, m, None, staged),
+               lambda run, m=method: _account_tune(record, m, run))
     _stage(record, "evaluate", lambda: evaluate_flow(root, None, None, staged),
            lambda run: _account_evaluate(record, run))
 

@@ -1,4 +1,5 @@
-"""Per-subject tuning flows: tune, negatives and generate, each ending in a catalog version."""
+"""Tuning flows over the method registry: tune, negatives and generate, each ending in a
+catalog version. Which methods exist and what each needs is the registry's business."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from flows.ingest import config_for
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
-from subjectflow.tuning.runs import TuneOutcome
+from subjectflow.methods import registry
+from subjectflow.methods.registry import TuneOutcome
 from tasks.tune import (
-    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, jedi_negatives_task, needs_tuning_task,
-    negatives_task, sfo_joint_task, tune_subject_task,
+    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, negatives_task, stale_subjects_task,
+    tune_task,
 )
 
 
@@ -59,48 +61,57 @@ def _finish(root: Path, run: TuneRun, config: Config) -> TuneRun:
 
 
 @flow(name="tune", log_prints=True, task_runner=device_task_runner())
-def tune_flow(catalog: str, method: str = "sfo", subjects: list[str] | None = None, config: Config | None = None,
-              target: str = "subject") -> TuneRun:
-    """Tune the given subjects, or every subject whose adapter is missing or stale.
-
-    `target="joint"` (method sfo only) trains the zero-shot SFO LoRA on the JeDi joint
-    model instead, from the CDNS pairs of every subject.
-    """
+def tune_flow(catalog: str, method: str, subjects: list[str] | None = None, config: Config | None = None) -> TuneRun:
+    """Make `method`'s artefact for the given subjects, or for every subject whose one is
+    missing or stale; a shared method's one artefact is made once for all of them."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
     ensure_gpu_limit_task(device_slots())
-    if target == "joint":
-        if method != "sfo":
-            raise ValueError(f"--target joint trains SFO on the joint model; method {method!r} has no joint form")
-        return _finish(root, _collect([sfo_joint_task.submit(root, config)], ["joint model"]), config)
-    todo = subjects if subjects else needs_tuning_task(root, method, config)
-    futures = tune_subject_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
-    return _finish(root, _collect(futures, todo), config)
+    return _finish(root, _tune(root, method, subjects, config), config)
+
+
+def _tune(root: Path, method: str, subjects: list[str] | None, config: Config) -> TuneRun:
+    if registry.get(method).shared:
+        return _collect([tune_task.submit(root, None, method, config)], [method])
+    todo = subjects if subjects else stale_subjects_task(root, method, config)
+    return _collect(tune_task.map(unmapped(root), todo, unmapped(method), unmapped(config)), todo)
+
+
+@flow(name="tune-methods", log_prints=True, task_runner=device_task_runner())
+def tune_methods_flow(catalog: str, methods: list[str], subjects: list[str] | None = None,
+                      config: Config | None = None) -> TuneRun:
+    """Several methods in registry order, so what one needs is made before it; one version."""
+    root = Catalog.open(Path(catalog)).root
+    config = config_for(Catalog.open(root), config)
+    ensure_gpu_limit_task(device_slots())
+    run = TuneRun()
+    for method in registry.targets(config, methods):
+        part = _tune(root, method, subjects, config)
+        run.outcomes += part.outcomes
+        run.failures.update({f"{label} ({method})": why for label, why in part.failures.items()})
+    return _finish(root, run, config)
 
 
 @flow(name="negatives", log_prints=True, task_runner=device_task_runner())
-def negatives_flow(catalog: str, subjects: list[str] | None = None, config: Config | None = None,
-                   generator: str = "sft") -> TuneRun:
-    """CDNS negatives per subject, sampled by its SFT adapter (img2img) or by the JeDi model."""
+def negatives_flow(catalog: str, method: str, subjects: list[str] | None = None,
+                   config: Config | None = None) -> TuneRun:
+    """The CDNS negatives `method` trains on, per subject, with their generator made first."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
     ensure_gpu_limit_task(device_slots())
     todo = subjects if subjects else sorted(Catalog.open(root).read("subjects").column("subject_id").to_pylist())
-    per_subject = jedi_negatives_task if generator == "jedi" else negatives_task
-    futures = per_subject.map(unmapped(root), todo, unmapped(config))
+    futures = negatives_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
     return _finish(root, _collect(futures, todo), config)
 
 
 @flow(name="generate", log_prints=True)
-def generate_flow(catalog: str, prompt: str, subjects: list[str | None], method: str = "sfo", n: int = 1,
-                  adapter_id: str | None = None, config: Config | None = None,
-                  references: int | None = None) -> list[dict]:
-    """Sample per subject with its adapter (sft, sfo), the base model, or by JeDi set
-    completion from `references` of its photos (jedi, jedi-sfo)."""
+def generate_flow(catalog: str, prompt: str, subjects: list[str | None], method: str | None = None, n: int = 1,
+                  config: Config | None = None, references: int | None = None) -> list[dict]:
+    """Sample per subject with `method`'s current artefact, or the base model when None."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
     ensure_gpu_limit_task(device_slots())
     samples = [row for subject in subjects
-               for row in generate_task(root, subject, method, prompt, n, config, adapter_id, references)]
-    version_run(root, f"generate: {len(samples)} samples of {prompt!r} ({method})", config.versioning)
+               for row in generate_task(root, subject, method, prompt, n, config, references)]
+    version_run(root, f"generate: {len(samples)} samples of {prompt!r} ({method or 'base'})", config.versioning)
     return samples

@@ -188,6 +188,24 @@ class JointConfig(_Section):
     text_guidance: float = Field(7.5, ge=0)  # s_T
 
 
+class OneActorConfig(_Section):
+    """OneActor: a projector from a subject's UNet features to a text offset, sampled with
+    cluster-conditioned guidance (METHODS.md section 3). The UNet stays frozen."""
+
+    steps: int = Field(200, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    aux_images: int = Field(10, ge=1)  # the auxiliary cluster: base-model samples of "a photo of {class}"
+    cluster_steps: int = Field(30, ge=1)  # their sampling steps; features are taken at the last one
+    aux_per_step: int = Field(3, ge=1)
+    aux_weight: float = Field(0.5, ge=0)
+    average_weight: float = Field(0.2, ge=0)
+    # "paper": eta1 8.5, eta2 1.0, v 0.8 (Eq. 19); "released": 7.5 / 0 / 0.8, what the code does.
+    preset: Literal["paper", "released"] = "paper"
+    guided_steps: int = Field(20, ge=0)  # cluster guidance on the first steps, plain CFG after
+    batch_stats: bool = False  # the release's train-mode BatchNorm at inference (delta depends on the batch)
+
+
 class EvaluateConfig(_Section):
     """Scoring generated images the way the field does (DreamBench-style)."""
 
@@ -223,6 +241,7 @@ class Config(_Section):
     generate: GenerateConfig = GenerateConfig()
     jointsets: JointSetsConfig = JointSetsConfig()
     joint: JointConfig = JointConfig()
+    oneactor: OneActorConfig = OneActorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     versioning: VersioningConfig = VersioningConfig()
 

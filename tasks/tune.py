@@ -1,4 +1,4 @@
-"""Tuning tasks: plan which subjects need adapters, tune one subject, make negatives, sample.
+"""Tuning tasks over the method registry: plan what is stale, tune, make negatives, sample.
 
 Work that holds a model takes a device slot (one per GPU, one on a CPU-only machine),
 so mapped subjects queue for devices instead of fighting over memory.
@@ -21,14 +21,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from subjectflow.catalog import Catalog
 from subjectflow.config import Config
 from subjectflow.jointsets import JointSetsReport, build_jointsets
-from subjectflow.tuning.generate import current_adapter, generate_jedi_samples, generate_samples
-from subjectflow.tuning.joint import (
-    JEDI_METHODS, current_joint_model, current_sets, current_sfo_joint_model, make_jedi_negatives, train_joint, train_sfo_joint,
-)
-from subjectflow.tuning.runs import (
-    TuneOutcome, TuningError, base_model_id, load_subject, needs_tuning, negatives_for_subject, open_model,
-    tune_subject,
-)
+from subjectflow.methods import registry
+from subjectflow.methods.base import Context
+from subjectflow.methods.registry import TuneOutcome
+from subjectflow.training.artefacts import base_model_id, open_model
 
 GPU_LIMIT = "subjectflow-gpu"
 SLOT_TIMEOUT_S = 6 * 3600  # longer than any one subject's tuning; then fail, never hang
@@ -83,26 +79,29 @@ def ensure_gpu_limit_task(slots: int) -> None:
             client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
 
 
-@task(name="plan-tuning")
-def needs_tuning_task(catalog_root: Path, method: str, config: Config) -> list[str]:
+def method_context(catalog_root: Path, config: Config) -> Context:
+    """The catalog, config and base model id, with the model loaded only when work needs it."""
     catalog = Catalog.open(catalog_root)
-    return needs_tuning(catalog, method, config, base_model_id(catalog, config))
+    return Context(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0],
+                   say=get_run_logger().info)
 
 
-@task(name="tune-subject", task_run_name="tune-{subject}-{method}")
-def tune_subject_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
+@task(name="plan-tuning")
+def stale_subjects_task(catalog_root: Path, method: str, config: Config) -> list[str]:
+    return registry.stale_subjects(method_context(catalog_root, config), method)
+
+
+@task(name="tune", task_run_name="tune-{method}-{subject}")
+def tune_task(catalog_root: Path, subject: str | None, method: str, config: Config) -> TuneOutcome:
+    """One subject's artefact for `method` (or the shared one when subject is None)."""
     with device_slot():
-        catalog = Catalog.open(catalog_root)
-        parts, base = open_model(catalog, config)
-        return tune_subject(catalog, subject, method, config, parts, base, say=get_run_logger().info)
+        return registry.tune(method_context(catalog_root, config), method, subject)
 
 
-@task(name="make-negatives", task_run_name="negatives-{subject}")
-def negatives_task(catalog_root: Path, subject: str, config: Config) -> TuneOutcome:
+@task(name="make-negatives", task_run_name="negatives-{method}-{subject}")
+def negatives_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
     with device_slot():
-        catalog = Catalog.open(catalog_root)
-        parts, base = open_model(catalog, config)
-        return negatives_for_subject(catalog, subject, config, parts, base, say=get_run_logger().info)
+        return registry.negatives(method_context(catalog_root, config), method, subject)
 
 
 @task(name="build-jointsets")
@@ -117,60 +116,9 @@ def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | Non
     return build_jointsets(catalog, config.jointsets, subjects, extra, say=get_run_logger().info)
 
 
-@task(name="train-joint")
-def train_joint_task(catalog_root: Path, config: Config) -> dict:
-    """The current joint model, trained (or resumed) when missing."""
-    catalog = Catalog.open(catalog_root)
-    try:  # found by id alone: an unchanged refresh never loads the model
-        return {**current_joint_model(catalog, config, base_model_id(catalog, config)), "made": False}
-    except TuningError:
-        pass
-    with device_slot():
-        parts, base = open_model(catalog, config)
-        get_run_logger().info("training the JeDi joint model on %d joint sets", len(current_sets(catalog, config)))
-        return {**train_joint(catalog, config, parts, base), "made": True}
-
-
-@task(name="jedi-negatives", task_run_name="jedi-negatives-{subject}")
-def jedi_negatives_task(catalog_root: Path, subject: str, config: Config) -> TuneOutcome:
-    with device_slot():
-        catalog = Catalog.open(catalog_root)
-        parts, base = open_model(catalog, config)
-        model = current_joint_model(catalog, config, base)
-        found = load_subject(catalog, subject)
-        have = set(catalog.read("negatives").column("negative_id").to_pylist())
-        negatives = make_jedi_negatives(catalog, found, config, parts, base, model)
-        made = sum(n["negative_id"] not in have for n in negatives)
-        return TuneOutcome(found.name, "negatives (jedi)", model, [f"{made} negatives"] if made else [],
-                           [f"{len(negatives) - made} negatives"] if len(negatives) > made else [], negatives)
-
-
-@task(name="tune-sfo-joint")
-def sfo_joint_task(catalog_root: Path, config: Config) -> TuneOutcome:
-    with device_slot():
-        catalog = Catalog.open(catalog_root)
-        parts, base = open_model(catalog, config)
-        model = current_joint_model(catalog, config, base)
-        have = set(catalog.read("models").column("model_id").to_pylist())
-        row = train_sfo_joint(catalog, config, parts, base, model, say=get_run_logger().info)
-        made = row["model_id"] not in have
-        return TuneOutcome("all subjects", "sfo (joint)", row, [f"sfo-joint model {row['model_id']}"] if made else [],
-                           [] if made else [f"sfo-joint model {row['model_id']}"])
-
-
 @task(name="generate-samples", task_run_name="generate-{subject}-{method}")
-def generate_task(catalog_root: Path, subject: str | None, method: str, prompt: str, n: int, config: Config,
-                  adapter_id: str | None = None, references: int | None = None) -> list[dict]:
+def generate_task(catalog_root: Path, subject: str | None, method: str | None, prompt: str, n: int, config: Config,
+                  references: int | None = None) -> list[dict]:
+    """Samples with `method`'s current artefact for the subject; method None: the base model."""
     with device_slot():
-        catalog = Catalog.open(catalog_root)
-        parts, base = open_model(catalog, config)
-        found = load_subject(catalog, subject) if subject else None
-        if method in JEDI_METHODS:
-            if found is None:
-                raise TuningError("JeDi generation completes a subject's photo set: name a subject")
-            model = current_joint_model(catalog, config, base)
-            sfo = current_sfo_joint_model(catalog, config, base, model) if method == "jedi-sfo" else None
-            return generate_jedi_samples(catalog, config, parts, base, prompt, n, found, model, references, sfo)
-        if adapter_id is None and method != "base":
-            adapter_id = current_adapter(catalog, found, method, config, base)
-        return generate_samples(catalog, config, parts, base, prompt, n, found, adapter_id, method)
+        return registry.sample(method_context(catalog_root, config), method, subject, prompt, n, references)

@@ -62,14 +62,14 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             name="tune",
-            # Negatives live here: SFT -> CDNS negatives -> SFO is one per-subject chain,
-            # and JeDi negatives need the joint model trained in the same stage.
-            tables=("negatives", "adapters", "models", "train_log"),
-            blob_kinds=("negatives", "adapters", "models"),
+            # Every method's artefacts, and the negatives some train on, are made here: a
+            # method's chain (adapter -> negatives -> adapter) runs in one stage. Which
+            # methods run is evaluate.methods, hence that section among the params.
+            tables=("negatives", "adapters", "models", "clusters", "train_log"),
+            blob_kinds=("negatives", "adapters", "models", "clusters"),
             dirs=(MODELS_DIR,),
-            params=("model", "train", "sft", "sfo", "negatives", "joint"),
-            command="subjectflow train-joint --catalog {catalog} --no-version"
-                    " && subjectflow tune --all --catalog {catalog} --no-version",
+            params=("model", "train", "sft", "sfo", "negatives", "joint", "oneactor", "evaluate"),
+            command="subjectflow tune --all --catalog {catalog} --no-version",
             needs=("subjects", "images", "jointsets"),
         ),
         Stage(

@@ -231,6 +231,23 @@ MODELS = TableSpec(
     ),
 )
 
+# OneActor's auxiliary clusters: base-model samples of a class prompt with their last-step
+# UNet features, made once per (base, class, seed) and shared by every subject of the class.
+CLUSTERS = TableSpec(
+    "clusters",
+    version=1,
+    key=("cluster_id",),
+    fields=(
+        pa.field("cluster_id", pa.string(), nullable=False),  # hash of base, class, settings
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("images", pa.int32(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),  # safetensors: latents [N, C, h, w], features h [N, C', S, S]
+        pa.field("params", pa.string(), nullable=False),  # JSON: prompt, seed, steps, guidance, resolution
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
 # One score per row, so a trend across catalog versions is a filter and a group-by.
 METRICS = TableSpec(
     "metrics",
@@ -276,5 +293,5 @@ RUNS = TableSpec(
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES,
-                 JOINTSETS, MODELS, METRICS, RUNS)
+                 JOINTSETS, MODELS, CLUSTERS, METRICS, RUNS)
 }

@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ..tuning.generate import SUBJECT_PLACEHOLDER
+from ..training.sampling import SUBJECT_PLACEHOLDER
 
 _FORMAT_LINE = re.compile(r"""^\s*['"](?P<template>.*\{0\} \{1\}.*)['"]\.format\(unique_token, class_token\),?\s*$""")
 # The paper's columns, in its order; MDINO is JeDi's masked DINO.

@@ -2,7 +2,7 @@
 
 Two kinds, as in DreamBench: recontextualisation (the subject, unchanged, somewhere
 new) and property changes (the subject itself altered). `{subject}` is the generation
-placeholder (subjectflow.tuning.generate): generation fills in identifier + class noun,
+placeholder (subjectflow.training.sampling): generation fills in identifier + class noun,
 CLIP-T scoring fills in the class noun alone, as DreamBench scores its prompts.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..config import stable_hash
-from ..tuning.generate import SUBJECT_PLACEHOLDER
+from ..training.sampling import SUBJECT_PLACEHOLDER
 
 # Bump when the templates change meaning; the hash in the set name changes by itself.
 TEMPLATES_NAME = "templates-v1"

@@ -24,7 +24,7 @@ from ..catalog.schemas import JOINTSETS
 from ..catalog.store import utcnow
 from ..config import JointSetsConfig, stable_hash
 from ..ingest.photo import encode_png
-from ..tuning.runs import Subject, load_subjects
+from ..training.subjects import Subject, load_subjects
 from .augment import Augmentation, apply_augmentation, draw_augmentation
 from .shards import write_shards
 

@@ -23,8 +23,8 @@ from ..config import Config, JointSetsConfig, stable_hash
 from ..evaluation.metrics import colour_histogram, histogram_intersection
 from ..ingest.masks import subject_mask
 from ..models.loading import ModelParts
-from ..tuning.generate import sampling_pipeline
-from ..tuning.runs import Subject
+from ..training.sampling import sampling_pipeline
+from ..training.subjects import Subject
 from .build import Member, PlannedSet, Planner, builder_id
 
 def collage_prompt(class_name: str, views: int) -> str:

@@ -1,10 +1,9 @@
-"""Method math: losses, samplers and condition transforms, as plain torch/PIL functions.
+"""Where each method lives: one module or package per method of METHODS.md (in the
+team's shared/ folder), each holding its math, objective, sampling and export.
 
-One module per method of METHODS.md (in the team's shared/ folder); nothing here imports Prefect, DVC, the CLI
-or diffusers pipelines, so every function is testable on tiny CPU tensors.
-
-- `sfo`: Subject Fidelity Optimization loss, paired noising, logit-normal timesteps and the
-  SFT (DreamBooth) loss it starts from (METHODS.md section 1).
-- `cdns`: the pure parts of Condition-Degradation Negative Sampling (METHODS.md section 1).
-- `jedi`: the coupled self-attention processor of joint-image diffusion (METHODS.md section 2).
+- `base`: the interface every method implements, and the context it works in.
+- `registry`: every method by name; resolves what a method needs and what is stale.
+- `sft`: DreamBooth-LoRA per subject (SFO's starting point).
+- `sfo`: Subject Fidelity Optimization on CDNS negatives (section 1).
+- `jedi`: the joint-image model and zero-shot SFO on it (section 2).
 """

@@ -17,7 +17,7 @@ from subjectflow.evaluation import (
     fidelity, ingest_masker, proxy_similarity, random_clip, random_dino, score_subject, subject_crop, summary,
 )
 from subjectflow.evaluation.prompts import PROPERTY_CHANGES, RECONTEXTUALISATION
-from subjectflow.tuning.generate import SUBJECT_PLACEHOLDER
+from subjectflow.training.sampling import SUBJECT_PLACEHOLDER
 
 SIZE = 96
 BOX = (28, 20, 68, 84)  # where the product sits in every drawn photo

@@ -7,7 +7,7 @@ import yaml
 from flows.cli import main
 from subjectflow.catalog import init_catalog
 from subjectflow.evaluation.dreambench import method_table, read_prompt_file
-from tests.tuning.conftest import tiny_config
+from tests.training.conftest import tiny_config
 
 
 def test_dreambench_prompts_are_read_from_its_own_file(dreambench):

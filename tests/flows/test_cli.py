@@ -23,7 +23,7 @@ def subcommands(parser, prefix=()):
 def test_every_subcommand_has_help(capfd):
     commands = list(subcommands(build_parser()))
     assert {("init",), ("ingest",), ("refresh",), ("catalog", "versions"), ("catalog", "show"), ("demo",),
-            ("jointsets",), ("train-joint",), ("evaluate",), ("dashboard",), ("benchmark",)} <= set(commands)
+            ("jointsets",), ("methods",), ("tune",), ("negatives",), ("generate",), ("export",), ("evaluate",), ("dashboard",), ("benchmark",)} <= set(commands)
     for command in commands:
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--help"])

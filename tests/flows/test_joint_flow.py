@@ -11,15 +11,15 @@ from flows.cli import main
 from subjectflow.catalog import list_versions
 from subjectflow.jointsets import build_jointsets
 from subjectflow.jointsets import read_sets
-from subjectflow.tuning.data import encode_prompt
-from subjectflow.tuning.joint import current_sets, encode_sets, train_joint
-from subjectflow.tuning.runs import open_model
-from tests.tuning.conftest import ingested_catalog, tiny_config
+from subjectflow.methods.jedi.model import current_sets, encode_sets, train_joint
+from subjectflow.training.artefacts import open_model
+from subjectflow.training.data import encode_prompt
+from tests.training.conftest import context, ingested_catalog, tiny_config
 
 JOINT = {"jointsets": {"resolution": 32, "sets_per_subject": 2}, "joint": {"steps": 4, "max_references": 2}}
 
 
-def test_jointsets_train_joint_and_generate_with_references(tmp_path, capfd):
+def test_jointsets_tune_jedi_and_generate_with_references(tmp_path, capfd):
     catalog = ingested_catalog(tmp_path)
     (catalog.root / "params.yaml").write_text(yaml.safe_dump(tiny_config(**JOINT).model_dump(mode="json")))
     cli = lambda *args: main([*args, "--catalog", str(catalog.root)])  # noqa: E731
@@ -28,11 +28,11 @@ def test_jointsets_train_joint_and_generate_with_references(tmp_path, capfd):
     assert "subjectflow jointsets" in capfd.readouterr().err
     assert cli("jointsets") == 0
     assert catalog.read("jointsets").num_rows == 2 * 2 * 3
-    assert cli("train-joint") == 0
+    assert cli("tune", "--method", "jedi") == 0
     models = catalog.read("models").to_pylist()
     assert [(m["method"], m["weights"], m["steps"]) for m in models] == [("jedi", "lora", 4)]
     versions = len(list_versions(catalog))
-    assert cli("train-joint") == 0 and "reused" in capfd.readouterr().out  # nothing new: no version either
+    assert cli("tune", "--method", "jedi") == 0 and "reused" in capfd.readouterr().out  # nothing new: no version either
     assert len(list_versions(catalog)) == versions
 
     assert cli("generate", "--subject", "red_mug", "--method", "jedi", "--references", "2", "--n", "2",
@@ -44,12 +44,12 @@ def test_jointsets_train_joint_and_generate_with_references(tmp_path, capfd):
     assert len(settings["references"]) == 2 and settings["reference_mode"] == "noised"
     assert settings["image_guidance"] == 2.0 and settings["text_guidance"] == 7.5
 
-    assert cli("negatives", "--generator", "jedi", "--subject", "red_mug") == 0
+    assert cli("negatives", "--method", "jedi-sfo", "--subject", "red_mug") == 0
     negatives = catalog.read("negatives").to_pylist()
     assert len(negatives) == 3 and {n["generator"] for n in negatives} == {"jedi"}
     assert {n["generator_adapter_id"] for n in negatives} == {models[0]["model_id"]}
 
-    assert cli("tune", "--method", "sfo", "--target", "joint") == 0
+    assert cli("tune", "--method", "jedi-sfo") == 0
     sfo = [m for m in catalog.read("models").to_pylist() if m["method"] == "sfo-joint"]
     assert len(sfo) == 1 and sfo[0]["parent_model_id"] == models[0]["model_id"]
     assert len(catalog.read("negatives").to_pylist()) == 6  # pairs from every subject
@@ -66,8 +66,7 @@ def test_a_resumed_joint_training_equals_an_uninterrupted_one(tmp_path, weights)
         catalog = ingested_catalog(tmp_path / name)
         build_jointsets(catalog, config.jointsets, say=lambda _: None)
         for stop in stops:
-            parts, base = open_model(catalog, config)
-            row = train_joint(catalog, config, parts, base, stop_after=stop)
+            row = train_joint(context(catalog, config), stop_after=stop)
         made.append(catalog.blob_path(row["file"]).read_bytes())
     assert made[0] == made[1]
 

@@ -9,7 +9,7 @@ from flows.cli import main
 from flows.refresh import catalog_refresh
 from subjectflow.catalog import init_catalog, list_versions
 from tests.photos import photo_set
-from tests.tuning.conftest import tiny_config
+from tests.training.conftest import tiny_config
 
 REFRESH = {"jointsets": {"resolution": 32, "sets_per_subject": 2}, "joint": {"steps": 2},
            "evaluate": {"prompts": 2, "images_per_prompt": 2}, "versioning": {"push": False}}
@@ -64,7 +64,7 @@ def test_a_new_photo_reruns_only_what_depends_on_it_and_a_failure_does_not_stop_
     catalog.blob_path(shard).unlink()
     run = catalog_refresh(str(catalog.root), str(source), config, str(tmp_path / "site"))
 
-    assert run.record.status == "partial" and [f["item"] for f in run.record.failures] == ["train-joint"]
+    assert run.record.status == "partial" and [f["item"] for f in run.record.failures] == ["tune jedi"]
     assert any("red_mug" in item and "sft adapter" in item for item in run.record.ran)
     assert not any("blue_box" in item and "adapter" in item for item in run.record.ran)
     after = {(a["subject_id"], a["method"]): a["adapter_id"] for a in catalog.read("adapters").to_pylist()}
@@ -73,7 +73,7 @@ def test_a_new_photo_reruns_only_what_depends_on_it_and_a_failure_does_not_stop_
     evaluated = [item for item in run.record.ran if item.endswith("evaluated")]
     assert sorted(evaluated) == ["red_mug/sfo: evaluated", "red_mug/sft: evaluated"]
     row = catalog.read("runs").to_pylist()[-1]
-    assert row["status"] == "partial" and "train-joint" in json.loads(row["failures"])[0]["item"]
+    assert row["status"] == "partial" and "tune jedi" in json.loads(row["failures"])[0]["item"]
 
 
 def test_cli_refresh_evaluate_and_dashboard(tmp_path, capfd):

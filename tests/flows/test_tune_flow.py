@@ -6,7 +6,7 @@ import yaml
 from flows.cli import main
 from flows.tune import tune_flow
 from subjectflow.catalog import list_versions
-from tests.tuning.conftest import ingested_catalog, tiny_config
+from tests.training.conftest import ingested_catalog, tiny_config
 
 
 def test_the_tune_flow_tunes_every_stale_subject_and_versions_the_catalog(tmp_path):

@@ -14,7 +14,7 @@ from subjectflow.jointsets import build_jointsets, read_sets
 from subjectflow.jointsets.augment import Augmentation, apply_augmentation, draw_augmentation
 from tests.ingest.helpers import ingest
 from tests.photos import photo_set
-from tests.tuning.conftest import ingested_catalog, tiny_config
+from tests.training.conftest import ingested_catalog, tiny_config
 
 SETS = {"resolution": 32, "sets_per_subject": 5, "shard_rows": 7}
 
@@ -117,7 +117,7 @@ def test_shards_are_plain_parquet_with_whole_sets(tmp_path):
 
 def test_synthetic_collages_are_split_filtered_and_recorded(tmp_path):
     from subjectflow.jointsets.synthetic import synthetic_planner
-    from subjectflow.tuning.runs import open_model
+    from subjectflow.training.artefacts import open_model
 
     catalog = ingested_catalog(tmp_path, subjects=("red_mug",), per_subject=2)
     keep_all = tiny_config(jointsets={**SETS, "sets_per_subject": 1,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from subjectflow.methods.cdns import (
+from subjectflow.methods.sfo.cdns import (
     BLUR_RADIUS_AT_512,
     Degradation,
     blur_radius,

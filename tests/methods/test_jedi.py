@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from subjectflow.methods.jedi import CoupledSelfAttnProcessor, complete_set, compositional_guidance, couple_unet, coupled
+from subjectflow.methods.jedi.attention import CoupledSelfAttnProcessor, complete_set, compositional_guidance, couple_unet, coupled
 from subjectflow.models.tiny import build_pipeline
 
 

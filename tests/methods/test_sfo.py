@@ -7,15 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from subjectflow.methods.sfo import (
-    PairBatch,
-    logit_normal,
-    logit_normal_timesteps,
-    noised_pair,
-    sfo_loss,
-    sft_loss,
-    targets,
-)
+from subjectflow.methods.sfo.loss import PairBatch, logit_normal, logit_normal_timesteps, noised_pair, sfo_loss, targets
+from subjectflow.training.diffusion import denoising_loss as sft_loss
 
 SHAPE = (4, 3, 5, 5)
 

@@ -1,10 +1,8 @@
-"""Each method's batch and loss for the shared loop (`loop.train`).
+"""SFO's batch and loss for the shared loop (METHODS.md section 1).
 
-SFT: DreamBooth-LoRA; noise a subject photo's latent at a uniform timestep and regress
-     the noise under the instance prompt (plus, optionally, prior preservation).
-SFO: METHODS.md section 1; a positive (a real photo) and its CDNS negative are noised
-     with the same eps and logit-normal t; the policy (SFT + SFO LoRAs) is pushed to
-     denoise the positive better than the negative, relative to the frozen SFT reference.
+A positive (a real photo) and its CDNS negative are noised with the same eps and
+logit-normal t; the policy (reference + SFO LoRAs) is pushed to denoise the positive better
+than the negative, relative to the frozen reference (the SFT adapter, or the JeDi model).
 """
 
 from __future__ import annotations
@@ -14,67 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..methods.sfo import denoising_target, noised_pair, sfo_loss, sft_loss, targets
-from .adapters import adapter_state, load_adapter_state
-
-Metrics = dict[str, float]
-
-
-def _pick(latents: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator, device=generator.device)
-    return latents[index.to(latents.device)]
-
-
-def _unet_eps(unet: UNet2DConditionModel, dtype: torch.dtype, noisy: torch.Tensor, timesteps: torch.Tensor,
-              embeds: torch.Tensor) -> torch.Tensor:
-    """One UNet call; inputs in the UNet's dtype, the prediction back in fp32 for the loss.
-
-    `dtype` is passed in because `unet.dtype` walks every parameter (ms per call on SD 1.5).
-    """
-    states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)  # [1 or B, L, D] -> [B, L, D]
-    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=states).sample.float()
-
-
-@dataclass
-class SftObjective:
-    unet: UNet2DConditionModel
-    scheduler: object
-    instance_latents: torch.Tensor  # [N, C, h, w] of the subject's photos
-    instance_embeds: torch.Tensor  # [1, L, D] of "a photo of sks <class>"
-    trainable: list[torch.nn.Parameter]
-    batch_size: int = 1
-    adapter_name: str = "sft"
-    class_latents: torch.Tensor | None = None  # prior preservation: base-model class images
-    class_embeds: torch.Tensor | None = None
-    prior_weight: float = 1.0
-    _dtype: torch.dtype = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._dtype = self.unet.dtype
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return self.trainable
-
-    def _denoise(self, x0: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        steps = int(self.scheduler.config.num_train_timesteps)
-        t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        return _unet_eps(self.unet, self._dtype, noisy, t, embeds), denoising_target(self.scheduler, x0, noise, t)
-
-    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
-        pred, target = self._denoise(_pick(self.instance_latents, self.batch_size, generator), self.instance_embeds, generator)
-        if self.class_latents is None:
-            return sft_loss(pred, target)
-        prior_pred, prior_target = self._denoise(_pick(self.class_latents, self.batch_size, generator),
-                                                 self.class_embeds, generator)
-        return sft_loss(pred, target, prior_pred, prior_target, self.prior_weight)
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        return adapter_state(self.unet, self.adapter_name)
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        load_adapter_state(self.unet, state, self.adapter_name)
+from ...training.adapters import adapter_state, load_adapter_state
+from ...training.diffusion import Metrics, unet_eps
+from .loss import noised_pair, sfo_loss, targets
 
 
 @dataclass
@@ -116,10 +56,10 @@ class SfoObjective:
         for p in self._reference_params:
             p.requires_grad_(False)
         if context is None:
-            return _unet_eps(self.unet, self._dtype, noisy, t, embeds)
+            return unet_eps(self.unet, self._dtype, noisy, t, embeds)
         # Sets [context_i, member_i], laid out consecutively; only the members are scored.
         sets = torch.stack([context, noisy], dim=1).flatten(0, 1)
-        eps = _unet_eps(self.unet, self._dtype, sets, t.repeat_interleave(2), embeds.repeat_interleave(2, dim=0))
+        eps = unet_eps(self.unet, self._dtype, sets, t.repeat_interleave(2), embeds.repeat_interleave(2, dim=0))
         return eps.unflatten(0, (noisy.shape[0], 2))[:, 1]
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:

@@ -2,6 +2,8 @@ import pytest
 
 from subjectflow.catalog import init_catalog
 from subjectflow.config import load_config
+from subjectflow.methods.base import Context
+from subjectflow.training.artefacts import open_model
 from tests.ingest.helpers import ingest
 from tests.photos import photo_set
 
@@ -31,3 +33,9 @@ def ingested_catalog(root, subjects=("red_mug", "blue_box"), per_subject=3):
 @pytest.fixture
 def two_subjects(tmp_path):
     return ingested_catalog(tmp_path)
+
+
+def context(catalog, config, say=print):
+    """A method context whose model is loaded now (tests time the work, not the lazy load)."""
+    parts, base = open_model(catalog, config)
+    return Context(catalog, config, base, lambda: parts, say)

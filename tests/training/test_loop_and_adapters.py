@@ -7,8 +7,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from subjectflow.catalog.layout import MODELS_DIR
-from subjectflow.tuning.runs import load_subject, open_model, train_sft
-from tests.tuning.conftest import ingested_catalog, tiny_config
+from subjectflow.methods.sft import train_sft
+from subjectflow.training.subjects import load_subject
+from tests.training.conftest import context, ingested_catalog, tiny_config
 
 
 def lora_tensors(catalog, row):
@@ -18,16 +19,13 @@ def lora_tensors(catalog, row):
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     config = tiny_config()
     straight = ingested_catalog(tmp_path / "a")
-    parts, base = open_model(straight, config)
-    done = train_sft(straight, load_subject(straight, "red_mug"), config, parts, base)
+    done = train_sft(context(straight, config), load_subject(straight, "red_mug"))
 
     resumed = ingested_catalog(tmp_path / "b")
-    parts, base = open_model(resumed, config)
     subject = load_subject(resumed, "red_mug")
-    interrupted = train_sft(resumed, subject, config, parts, base, stop_after=3)
+    interrupted = train_sft(context(resumed, config), subject, stop_after=3)
     assert interrupted == {"adapter_id": done["adapter_id"], "interrupted_at": 3}
-    parts, base = open_model(resumed, config)  # a new process would start from scratch
-    finished = train_sft(resumed, subject, config, parts, base)
+    finished = train_sft(context(resumed, config), subject)  # a fresh model, as in a new process
 
     assert finished["adapter_id"] == done["adapter_id"] and finished["final_loss"] == done["final_loss"]
     a, b = lora_tensors(straight, done), lora_tensors(resumed, finished)
@@ -38,8 +36,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_an_adapter_loads_into_a_plain_diffusers_pipeline_and_changes_its_output(two_subjects):
     config = tiny_config(train={"steps": 8, "learning_rate": 5e-2})
-    parts, base = open_model(two_subjects, config)
-    row = train_sft(two_subjects, load_subject(two_subjects, "blue_box"), config, parts, base)
+    row = train_sft(context(two_subjects, config), load_subject(two_subjects, "blue_box"))
 
     pipe = StableDiffusionPipeline.from_pretrained(two_subjects.root / MODELS_DIR / "tiny-sd")
     pipe.set_progress_bar_config(disable=True)
@@ -65,8 +62,7 @@ def test_every_training_option_runs_a_step(tmp_path, option):
     one_step = {"train": {"steps": 1, **option.get("train", {})}}
     config = tiny_config(**{**option, **one_step})
     catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=2)
-    parts, base = open_model(catalog, config)
-    row = train_sft(catalog, load_subject(catalog, "vase"), config, parts, base)
+    row = train_sft(context(catalog, config), load_subject(catalog, "vase"))
     assert row["steps"] == 1 and np.isfinite(row["final_loss"])
     metrics = {r["metric"] for r in catalog.read("train_log").to_pylist()}
     assert ("prior_loss" in metrics) == bool(option.get("sft", {}).get("prior_preservation"))

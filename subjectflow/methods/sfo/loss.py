@@ -20,10 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-Metrics = dict[str, float]
+from ...training.diffusion import Metrics, denoising_target, per_sample_error
 
-# Prediction types of diffusers schedulers whose regression target we know how to build.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def logit_normal(
@@ -122,23 +120,6 @@ def noised_pair(
     )
 
 
-def denoising_target(
-    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the denoiser regresses for one noised batch, by the scheduler's `prediction_type`."""
-    prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(
-        f"scheduler prediction_type {prediction_type!r} is not supported; "
-        f"use one of {', '.join(PREDICTION_TYPES)}"
-    )
-
-
 def targets(
     pair: PairBatch,
     latents_pos: torch.Tensor,
@@ -150,12 +131,6 @@ def targets(
         denoising_target(noise_scheduler, latents_pos, pair.noise, pair.timesteps),
         denoising_target(noise_scheduler, latents_neg, pair.noise, pair.timesteps),
     )
-
-
-def _per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # fp32 so bf16/fp16 predictions do not round away the small D_model - D_ref differences.
-    squared = (pred.float() - target.float()) ** 2
-    return squared.reshape(squared.shape[0], -1).mean(dim=1)
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:
@@ -190,10 +165,10 @@ def sfo_loss(
     )
     if not beta > 0:
         raise ValueError(f"SFO beta must be > 0, got {beta}")
-    policy_err_pos = _per_sample_error(policy_pos, target_pos)
-    policy_err_neg = _per_sample_error(policy_neg, target_neg)
-    ref_err_pos = _per_sample_error(ref_pos.detach(), target_pos)
-    ref_err_neg = _per_sample_error(ref_neg.detach(), target_neg)
+    policy_err_pos = per_sample_error(policy_pos, target_pos)
+    policy_err_neg = per_sample_error(policy_neg, target_neg)
+    ref_err_pos = per_sample_error(ref_pos.detach(), target_pos)
+    ref_err_neg = per_sample_error(ref_neg.detach(), target_neg)
 
     # Negative when the policy, more than the reference, fits the positive better than the negative.
     diff = (policy_err_pos - policy_err_neg) - (ref_err_pos - ref_err_neg)
@@ -206,43 +181,3 @@ def sfo_loss(
     names = ("loss", "reward_margin", "accuracy",
              "policy_error_pos", "policy_error_neg", "ref_error_pos", "ref_error_neg")
     return loss, dict(zip(names, values))
-
-
-def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    if pred.ndim < 1 or pred.shape[0] < 1:
-        raise ValueError(f"SFT inputs need a batch dimension of size >= 1, got {tuple(pred.shape)}")
-    per_sample = _per_sample_error(pred, target)
-    if weights is None:
-        return per_sample.mean()
-    if weights.shape != per_sample.shape:
-        raise ValueError(f"weights must have shape ({pred.shape[0]},), got {tuple(weights.shape)}")
-    return (per_sample * weights.to(per_sample)).mean()
-
-
-def sft_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    prior_pred: torch.Tensor | None = None,
-    prior_target: torch.Tensor | None = None,
-    prior_weight: float = 1.0,
-    weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """Supervised (DreamBooth) denoising loss: the SFT starting point of METHODS.md section 1.
-
-    loss = mse(pred, target) + prior_weight·mse(prior_pred, prior_target)
-    (Ruiz et al. 2023, DreamBooth eq. 2, prior preservation; Shin et al. arXiv 2506.03621
-    start SFO from this model). `weights` are optional per-sample weights (e.g. min-SNR) on
-    the instance term only, as in the diffusers DreamBooth script.
-    """
-    if (prior_pred is None) != (prior_target is None):
-        raise ValueError("sft_loss: pass both prior_pred and prior_target, or neither")
-    instance_loss = _mse(pred, target, weights)
-    if prior_pred is None:
-        value = instance_loss.item()
-        return instance_loss, {"loss": value, "instance_loss": value}
-    prior_loss = _mse(prior_pred, prior_target)
-    loss = instance_loss + prior_weight * prior_loss
-    values = torch.stack([loss, instance_loss, prior_loss]).detach().tolist()
-    return loss, dict(zip(("loss", "instance_loss", "prior_loss"), values))

@@ -1,0 +1,109 @@
+"""The method interface: what a method declares and does, and the context it works in.
+
+A method is one module (or small package) beside this one that subclasses `Method` and
+is registered in `registry.py`. It declares its name, whether its artefact is per subject
+or shared, which methods it needs first, the config sections its identity hashes and the
+table its artefacts live in; it says how its artefact id is hashed, trains it on the shared
+loop, samples with it and exports it. Methods import this module; nothing here imports a
+method, and resolving what a method needs is the registry's job.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..catalog import Catalog
+from ..catalog.schemas import ADAPTERS, TableSpec
+from ..config import Config
+from ..models.loading import ModelParts
+from ..training.subjects import Subject
+
+# The rows a method works from: its own artefact and, recursively, those it needs, by method name.
+Artefacts = dict[str, dict]
+
+
+@dataclass
+class Context:
+    """The catalog, the one config, the base model's id and a logger, plus the model,
+    loaded on first use so that finding everything current never loads it."""
+
+    catalog: Catalog
+    config: Config
+    base: str
+    load_parts: Callable[[], ModelParts]
+    say: Callable[[str], None] = print
+    made: list[str] = field(default_factory=list)  # what this unit of work made and reused, for its report
+    reused: list[str] = field(default_factory=list)
+    ids: dict[tuple[str, str | None], str] = field(default_factory=dict)  # the registry's id cache
+    _parts: ModelParts | None = field(default=None, init=False, repr=False)
+
+    @property
+    def parts(self) -> ModelParts:
+        if self._parts is None:
+            self._parts = self.load_parts()
+        return self._parts
+
+
+class Method:
+    name: str = ""
+    summary: str = ""  # one line for `subjectflow methods`
+    shared: bool = False  # one artefact for every subject (trained once), not one per subject
+    needs: tuple[str, ...] = ()  # methods whose artefacts this one starts from
+    sections: tuple[str, ...] = ()  # config sections that shape its artefact, shown by `subjectflow methods`
+    table: TableSpec = ADAPTERS  # where its artefacts are recorded (adapters or models)
+    makes_negatives: bool = False  # `subjectflow negatives --method NAME` renders its CDNS negatives
+
+    def enabled(self, config: Config) -> bool:
+        """False when the configuration switches the method off (the refresh skips it)."""
+        return True
+
+    def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
+        """The id its artefact would have if made now, from the ids of what it needs;
+        nothing is run. `subject` is None for a shared method."""
+        raise NotImplementedError
+
+    def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
+        """Train the artefact (resuming from checkpoints) and record its row; with
+        `stop_after` below the step count, stop there and return {"interrupted_at": step}."""
+        raise NotImplementedError
+
+    def sample(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, prompt: str, n: int,
+               references: int | None = None) -> list[dict]:
+        """n images of `prompt` (holding `{subject}`) for the subject, recorded in `samples`.
+        `references` caps how many of the subject's photos a reference-driven method shows."""
+        raise NotImplementedError
+
+    def sampling_settings(self, config: Config) -> dict | None:
+        """Settings beyond `generate` that decide its images, hashed into evaluation ids."""
+        return None
+
+    def negatives(self, ctx: Context, subject: Subject, artefacts: Artefacts) -> list[dict]:
+        """The subject's CDNS negatives this method trains on, made when missing."""
+        raise NotImplementedError(f"method {self.name!r} makes no negatives")
+
+    def weights(self, artefacts: Artefacts) -> list[tuple[str, dict]]:
+        """(file name, row) of every weight file one needs to use it, base-most first."""
+        return [(f"{self.name}.safetensors", artefacts[self.name])]
+
+    def export(self, ctx: Context, artefacts: Artefacts, out: Path) -> list[Path]:
+        """Copy its weights and a manifest of their rows into `out`."""
+        out.mkdir(parents=True, exist_ok=True)
+        files, manifest = [], []
+        for name, row in self.weights(artefacts):
+            files.append(Path(shutil.copyfile(ctx.catalog.blob_path(row["file"]), out / name)))
+            manifest.append({**{k: _jsonable(v) for k, v in row.items()}, "file": name, "catalog_file": row["file"]})
+        (out / "manifest.json").write_text(json.dumps({"method": self.name, "base_model": ctx.base,
+                                                       "weights": manifest}, indent=2) + "\n")
+        return files
+
+    def settings(self, config: Config) -> dict[str, Any]:
+        return {section: getattr(config, section).model_dump(mode="json") for section in self.sections}
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)

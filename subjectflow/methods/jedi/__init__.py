@@ -1,0 +1,81 @@
+"""JeDi: finetuning-free personalisation with a joint-image model (METHODS.md section 2).
+
+Two methods live here: `jedi`, one joint model for every subject that personalises by set
+completion from the subject's photos, and `jedi-sfo`, zero-shot SFO's LoRA on top of it.
+Their home: coupled attention (`attention.py`), the joint model (`model.py`), set
+completion (`completion.py`) and zero-shot SFO (`zero_shot_sfo.py`).
+"""
+
+from __future__ import annotations
+
+from ...catalog.schemas import MODELS
+from ...config import Config
+from ...training.subjects import Subject, TuningError
+from ..base import Artefacts, Context, Method
+from .completion import jedi_negative_plan, make_jedi_negatives, sample_by_completion
+from .model import JEDI, joint_model_id, train_joint
+from .zero_shot_sfo import sfo_joint_id, train_sfo_joint
+
+
+class Jedi(Method):
+    name = JEDI
+    summary = "one joint-image model for every subject; personalises by set completion, no per-subject training"
+    shared = True
+    sections = ("train", "joint", "jointsets")
+    table = MODELS
+
+    def enabled(self, config: Config) -> bool:
+        return config.joint.enabled
+
+    def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
+        return joint_model_id(ctx.catalog, ctx.config, ctx.base)
+
+    def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
+        return train_joint(ctx, stop_after)
+
+    def sample(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, prompt: str, n: int,
+               references: int | None = None) -> list[dict]:
+        return sample_by_completion(ctx.catalog, ctx.config, ctx.parts, ctx.base, prompt, n, _named(subject, self),
+                                    artefacts[JEDI], self.name, references)
+
+
+class JediSfo(Jedi):
+    name = "jedi-sfo"
+    summary = "zero-shot SFO: one SFO LoRA on the joint model from every subject's CDNS pairs"
+    needs = (JEDI,)
+    sections = ("train", "sfo", "negatives")
+    makes_negatives = True
+
+    def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
+        return sfo_joint_id(ctx.catalog, ctx.config, ctx.base, needs[JEDI])
+
+    def negatives(self, ctx: Context, subject: Subject, artefacts: Artefacts) -> list[dict]:
+        have = set(ctx.catalog.read("negatives").column("negative_id").to_pylist())
+        todo = sum(nid not in have for nid, _, _ in jedi_negative_plan(subject, ctx.config, ctx.base, artefacts[JEDI]))
+        made = make_jedi_negatives(ctx.catalog, subject, ctx.config, ctx.parts, ctx.base, artefacts[JEDI])
+        if todo:
+            ctx.made.append(f"{todo} negatives")
+        if len(made) > todo:
+            ctx.reused.append(f"{len(made) - todo} negatives")
+        return made
+
+    def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
+        return train_sfo_joint(ctx, needs[JEDI], stop_after)
+
+    def sample(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, prompt: str, n: int,
+               references: int | None = None) -> list[dict]:
+        return sample_by_completion(ctx.catalog, ctx.config, ctx.parts, ctx.base, prompt, n, _named(subject, self),
+                                    artefacts[JEDI], self.name, references, artefacts[self.name])
+
+    def weights(self, artefacts: Artefacts) -> list[tuple[str, dict]]:
+        return [("jedi.safetensors", artefacts[JEDI]), ("jedi-sfo.safetensors", artefacts[self.name])]
+
+
+def _named(subject: Subject | None, method: Method) -> Subject:
+    if subject is None:
+        raise TuningError(f"{method.name} completes a subject's photo set: name a subject with --subject")
+    return subject
+
+
+METHOD = Jedi()
+SFO_METHOD = JediSfo()

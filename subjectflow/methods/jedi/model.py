@@ -1,0 +1,166 @@
+"""The JeDi joint-image model (METHODS.md section 2): its identity and its training.
+
+One model serves every subject: it is trained on the catalog's joint sets (standard
+noise-prediction loss over every member of a set, self-attention coupled within the set).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load, save
+
+from ...catalog import Catalog
+from ...catalog.layout import WORK_DIR
+from ...catalog.schemas import JOINTSETS, MODELS
+from ...config import Config, stable_hash
+from ...jointsets import read_sets
+from ...models.loading import ModelParts
+from ...training.adapters import adapter_state, add_lora, load_adapter_state, load_lora_file, lora_file_bytes
+from ...training.artefacts import autocast_dtype, record_trained
+from ...training.data import encode_latents, encode_prompt, image_tensor
+from ...training.diffusion import Metrics, denoising_loss, denoising_target, unet_eps
+from ...training.loop import train
+from ...training.subjects import TuningError
+from ..base import Context
+from .attention import coupled
+
+JEDI = "jedi"
+
+
+def current_sets(catalog: Catalog, config: Config) -> list[dict]:
+    """`jointsets` rows of the configured set size (one training run needs one layout)."""
+    rows = [r for r in catalog.read(JOINTSETS.name).to_pylist() if r["set_size"] == config.jointsets.set_size]
+    if not rows:
+        raise TuningError(f"catalog {catalog.root} has no joint sets of size {config.jointsets.set_size}; "
+                          f"build them with `subjectflow jointsets --catalog {catalog.root}`")
+    return sorted(rows, key=lambda r: (r["set_id"], r["member"]))
+
+
+def joint_params(config: Config, base: str) -> dict:
+    joint = config.joint.model_dump(include={"weights", "lora_rank", "steps", "learning_rate", "sets_per_step"})
+    return {"method": JEDI, "base": base, "joint": joint, "train": config.train.model_dump()}
+
+
+def joint_model_id(catalog: Catalog, config: Config, base: str) -> str:
+    """The id the joint model would have if trained now on the current joint sets."""
+    set_ids = sorted({r["set_id"] for r in current_sets(catalog, config)})
+    return stable_hash([joint_params(config, base), set_ids])
+
+
+def install_joint_model(catalog: Catalog, parts: ModelParts, row: dict) -> list[str]:
+    """Put the joint model's weights into `parts.unet`; returns the adapter names it added."""
+    path = catalog.blob_path(row["file"])
+    if row["weights"] == "lora":
+        load_lora_file(parts.unet, path, JEDI)
+        return [JEDI]
+    state = load(path.read_bytes())
+    parts.unet.load_state_dict({k: v.to(parts.unet.dtype) for k, v in state.items()})
+    return []
+
+
+# -- training -----------------------------------------------------------------------
+
+@dataclass
+class JointObjective:
+    """Noise prediction over whole sets: each set gets one t (the set is denoised jointly)
+    and its own noise per member; the loss averages over every member."""
+
+    unet: torch.nn.Module  # coupled with set size = members per set
+    scheduler: object
+    set_latents: torch.Tensor  # [S, N, C, h, w]
+    captions: torch.Tensor  # [U, L, D] each distinct caption's text embedding
+    set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
+    trainable: list[torch.nn.Parameter]
+    sets_per_step: int = 1
+    adapter_name: str | None = JEDI  # None: the full UNet trains
+    _dtype: torch.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._dtype = next(self.unet.parameters()).dtype
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.trainable
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
+        sets, members = self.set_latents.shape[:2]
+        index = torch.randint(0, sets, (self.sets_per_step,), generator=generator, device=generator.device)
+        index = index.to(self.set_latents.device)
+        x0 = self.set_latents[index].flatten(0, 1)  # [B*N, C, h, w], sets consecutive
+        embeds = self.captions[self.set_captions[index].flatten(0, 1)]  # [B*N, L, D]
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        steps = int(self.scheduler.config.num_train_timesteps)
+        t = torch.randint(0, steps, (self.sets_per_step,), generator=generator, device=generator.device)
+        t = t.to(x0.device).repeat_interleave(members)
+        pred = unet_eps(self.unet, self._dtype, self.scheduler.add_noise(x0, noise, t), t, embeds)
+        return denoising_loss(pred, denoising_target(self.scheduler, x0, noise, t))
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        if self.adapter_name is None:
+            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        return adapter_state(self.unet, self.adapter_name)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.adapter_name is None:
+            self.unet.load_state_dict(state)
+        else:
+            load_adapter_state(self.unet, state, self.adapter_name)
+
+
+def embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Each distinct caption's [L, D] text embedding, computed once."""
+    return {c: encode_prompt(parts.tokenizer, parts.text_encoder, c)[0] for c in sorted(set(captions))}
+
+
+def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict],
+                resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stream the sets from their shards into latents [S, N, C, h, w], the distinct
+    captions' embeddings [U, L, D] and each member's caption index [S, N].
+
+    Embeddings are kept once per caption, not per member: a subject's sets share a few
+    captions, and [S, N, 77, 768] floats would be GBs at a thousand subjects.
+    """
+    sets = list(read_sets(catalog, sorted({r["shard"] for r in rows}), {r["set_id"] for r in rows}))
+    sets.sort(key=lambda s: s.set_id)
+    embedded = embed_all(parts, [c for s in sets for c in s.captions])
+    position = {caption: i for i, caption in enumerate(embedded)}
+    captions = torch.stack(list(embedded.values()))
+    set_captions = torch.tensor([[position[c] for c in s.captions] for s in sets])
+    latents = torch.stack([encode_latents(parts.vae, torch.stack([image_tensor(im, resolution) for im in s.images]))
+                           for s in sets])
+    device = parts.unet.device
+    return latents.to(device), captions.to(device), set_captions.to(device)
+
+
+def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
+    """Train (or resume) the joint model on the current joint sets and register it."""
+    catalog, config, parts, base = ctx.catalog, ctx.config, ctx.parts, ctx.base
+    rows = current_sets(catalog, config)
+    model_id = joint_model_id(catalog, config, base)
+    cfg = config.joint
+    latents, captions, set_captions = encode_sets(catalog, parts, rows, config.train.resolution)
+    if config.train.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    parts.unet.train()
+    if cfg.weights == "lora":
+        trainable = add_lora(parts.unet, cfg.lora_rank, JEDI, config.train.seed)
+    else:
+        parts.unet.requires_grad_(True)
+        trainable = list(parts.unet.parameters())
+    objective = JointObjective(parts.unet, parts.noise_scheduler, latents, captions, set_captions, trainable,
+                               cfg.sets_per_step, JEDI if cfg.weights == "lora" else None)
+    with coupled(parts.unet, config.jointsets.set_size):
+        result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, cfg.steps,
+                       cfg.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+    parts.unet.eval()
+    if stop_after is not None and stop_after < cfg.steps:
+        return {"model_id": model_id, "interrupted_at": stop_after}
+    file_bytes = (lora_file_bytes(parts.unet, JEDI) if cfg.weights == "lora"
+                  else save({k: v.contiguous() for k, v in parts.unet.state_dict().items()}))
+    row = {"model_id": model_id, "method": JEDI, "weights": cfg.weights, "base_model": base,
+           "parent_model_id": None, "params": json.dumps(joint_params(config, base), sort_keys=True),
+           "inputs_hash": stable_hash(sorted({r["set_id"] for r in rows})), "steps": result.steps,
+           "final_loss": result.final_loss}
+    return record_trained(catalog, MODELS, "models", row, result.history, file_bytes)

@@ -1,0 +1,158 @@
+"""OneActor: cluster-conditioned guidance (METHODS.md section 3; Wang et al. 2024).
+
+Per subject a projector maps UNet features of the subject's photos (the target cluster)
+to an offset on the class word's text embedding; the base model stays frozen. Sampling
+steers towards the target's offset and away from the auxiliary cluster's mean offset on
+the first steps. Its home: the maths (`math.py`), the shared auxiliary clusters
+(`clusters.py`), and the method here.
+
+The target cluster is the subject's real photos, which have no sampling trajectory: their
+feature h comes from one UNet call on each photo's latent noised to the last step of the
+cluster schedule under the class prompt (recorded in the adapter's params with its t).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...catalog.layout import WORK_DIR
+from ...catalog.schemas import ADAPTERS
+from ...config import Config
+from ...ingest.photo import encode_png
+from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
+from ...training.data import encode_prompt
+from ...training.loop import train
+from ...training.sampling import record_samples, sample_row, subject_prompt
+from ...training.subjects import Subject
+from ..base import Artefacts, Context, Method
+from .clusters import auxiliary_cluster, class_prompt, cluster_id, sampling_scheduler
+from .math import (PRESETS, GuidanceSettings, OneActorObjective, Projector, class_token_positions, last_step_features,
+                   last_timestep, load_projector, projector_bytes, template_embeddings)
+from .math import sample as guided_sample
+
+NAME = "oneactor"
+TARGET_FEATURES = "photo latent noised to the last cluster step, class prompt"
+
+
+def oneactor_params(config: Config, base: str, class_name: str) -> dict:
+    """What shapes the projector; the guidance settings only shape samples (`sampling_settings`)."""
+    tuning = config.oneactor.model_dump(exclude={"preset", "guided_steps", "batch_stats"})
+    return {"method": NAME, "base": base, "resolution": config.train.resolution, "seed": config.train.seed,
+            "gradient_accumulation": config.train.gradient_accumulation, "oneactor": tuning,
+            "cluster": cluster_id(config, base, class_name), "target_features": TARGET_FEATURES}
+
+
+def guidance_settings(config: Config) -> GuidanceSettings:
+    return replace(PRESETS[config.oneactor.preset], guided_steps=config.oneactor.guided_steps,
+                   guidance=config.generate.guidance)
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Gradients reach the projector through the UNet, whose weights must not collect any;
+    the flags are restored for the methods that train the UNet after this one."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def train_oneactor(ctx: Context, subject: Subject, stop_after: int | None = None) -> dict:
+    config, parts, catalog, oa = ctx.config, ctx.parts, ctx.catalog, ctx.config.oneactor
+    params = oneactor_params(config, ctx.base, subject.class_name)
+    adapter = adapter_id(params, subject)
+    _, aux_latents, aux_h = auxiliary_cluster(ctx, subject.class_name)
+    photos = [r["normalised_file"] for r in subject.images]
+    target_latents = file_latents(parts, catalog, photos, config.train.resolution)
+    class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
+    scheduler = sampling_scheduler(ctx)
+    target_h = last_step_features(parts.unet, scheduler, target_latents, class_embeds, oa.cluster_steps,
+                                  generator=torch.Generator("cpu").manual_seed(config.train.seed))
+    embeds, positions = template_embeddings(parts.tokenizer, parts.text_encoder, subject.class_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)  # the projector's init, reproducible
+        projector = Projector.for_unet(parts.unet, parts.text_encoder.config.hidden_size,
+                                       sample_size=target_latents.shape[-1]).to(parts.unet.device)
+    # The paper's optimiser whatever `train` says; the loop's other settings (checkpoints) hold.
+    train_cfg = config.train.model_copy(update={"optimizer": "adamw", "weight_decay": oa.weight_decay})
+    prepare_unet(parts, config.train)
+    with _frozen(parts.unet):
+        objective = OneActorObjective(parts.unet, parts.noise_scheduler, projector, target_latents, target_h,
+                                      aux_latents, aux_h, embeds, positions, oa.aux_per_step, oa.aux_weight,
+                                      oa.average_weight)
+        result = train(objective, train_cfg, catalog.root / WORK_DIR / "tune" / adapter, oa.steps,
+                       oa.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+    if stop_after is not None and stop_after < oa.steps:
+        return {"adapter_id": adapter, "interrupted_at": stop_after}
+    recorded = {**params, "target_timestep": last_timestep(scheduler, oa.cluster_steps)}
+    row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": NAME, "base_model": ctx.base,
+           "parent_adapter_id": None, "params": json.dumps(recorded, sort_keys=True),
+           "inputs_hash": subject.inputs_hash, "steps": result.steps, "final_loss": result.final_loss}
+    weights = projector_bytes(projector, {"target": target_h, "auxiliary": aux_h})
+    return record_trained(catalog, ADAPTERS, "adapters", row, result.history, weights)
+
+
+def _to_image(pixels: torch.Tensor) -> Image.Image:
+    return Image.fromarray((pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+@torch.no_grad()
+def sample_oneactor(ctx: Context, subject: Subject, row: dict, prompt: str, n: int) -> list[dict]:
+    """n cluster-guided images of `prompt`, the subject named by its class noun alone: the
+    offset on that word carries the identity."""
+    config, parts, cfg = ctx.config, ctx.parts, ctx.config.generate
+    settings = guidance_settings(config)
+    unet = parts.unet
+    projector, features = load_projector(ctx.catalog.blob_path(row["file"]).read_bytes(), unet.device)
+    batch_stats = config.oneactor.batch_stats
+    delta_target = projector.project(features["target"], batch_stats).mean(dim=0)
+    delta_average = projector.project(features["auxiliary"], batch_stats).mean(dim=0)
+    text = subject_prompt(prompt, subject, subject.class_name)
+    positions = class_token_positions(parts.tokenizer, text, subject.class_name)
+    cond = encode_prompt(parts.tokenizer, parts.text_encoder, text).to(unet.dtype)
+    uncond = encode_prompt(parts.tokenizer, parts.text_encoder, "").to(unet.dtype)
+    scheduler = sampling_scheduler(ctx)
+    recorded = json.dumps({**asdict(settings), "batch_stats": batch_stats, "preset": config.oneactor.preset})
+    rows = []
+    for i in range(n):
+        seed = cfg.seed + i
+        images = guided_sample(unet, scheduler, parts.vae, cond, uncond, delta_target, delta_average, positions,
+                               settings, steps=cfg.steps, generator=torch.Generator("cpu").manual_seed(seed),
+                        height=cfg.resolution, width=cfg.resolution)
+        rows.append(sample_row(ctx.catalog, encode_png(_to_image(images[0])), subject_id=subject.subject_id,
+                               adapter_id=row["adapter_id"], method=NAME, prompt=text, seed=seed, steps=cfg.steps,
+                               guidance=cfg.guidance, resolution=cfg.resolution, base_model=ctx.base, params=recorded))
+    return record_samples(ctx.catalog, rows)
+
+
+class OneActor(Method):
+    name = NAME
+    summary = "a projector from the subject's UNet features to a class-word offset; cluster-guided sampling"
+    sections = ("train", "oneactor")  # train: its resolution and seed
+
+    def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
+        return adapter_id(oneactor_params(ctx.config, ctx.base, subject.class_name), subject)
+
+    def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
+        return train_oneactor(ctx, subject, stop_after)
+
+    def sample(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, prompt: str, n: int,
+               references: int | None = None) -> list[dict]:
+        return sample_oneactor(ctx, subject, artefacts[NAME], prompt, n)
+
+    def sampling_settings(self, config: Config) -> dict:
+        oa = config.oneactor
+        return {"preset": oa.preset, "guided_steps": oa.guided_steps, "batch_stats": oa.batch_stats}
+
+
+METHOD = OneActor()

@@ -1,0 +1,233 @@
+"""Every method by name, and what follows from what they declare: current artefact ids,
+what is stale, making an artefact after what it needs, sampling and export.
+
+Flows, tasks, evaluation and the CLI go through here and never name a method; adding one
+is its module, a `register` line at the bottom, its config section and its tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..catalog.schemas import ADAPTERS
+from ..config import Config
+from ..training.artefacts import find_row
+from ..training.sampling import generate_with_loras, identified, subject_prompt
+from ..training.subjects import Subject, TuningError, load_subject, load_subjects
+from .base import Artefacts, Context, Method
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    unknown = [n for n in method.needs if n not in METHODS]
+    if unknown:
+        raise ValueError(f"method {method.name!r} needs {unknown}, which are not registered before it")
+    if method.shared and any(not METHODS[n].shared for n in method.needs):
+        raise ValueError(f"shared method {method.name!r} cannot start from a per-subject artefact")
+    METHODS[method.name] = method
+    return method
+
+
+@contextlib.contextmanager
+def registered(method: Method) -> Iterator[Method]:
+    """A method registered for the duration (tests, experiments), then removed again."""
+    register(method)
+    try:
+        yield method
+    finally:
+        METHODS.pop(method.name, None)
+
+
+def names() -> list[str]:
+    return list(METHODS)
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise TuningError(f"unknown method {name!r}; methods are {', '.join(METHODS)} (see `subjectflow methods`)")
+    return METHODS[name]
+
+
+def targets(config: Config, wanted: list[str] | tuple[str, ...]) -> list[str]:
+    """The wanted methods that are switched on, in registration order (needs come first)."""
+    for name in wanted:
+        get(name)
+    return [name for name, method in METHODS.items() if name in wanted and method.enabled(config)]
+
+
+def _for(method: Method, subject: Subject | None) -> Subject | None:
+    return None if method.shared else subject
+
+
+def artefact_ids(ctx: Context, name: str, subject: Subject | None) -> dict[str, str]:
+    """The ids `name`'s artefact and everything it needs would have if made now, by method;
+    nothing is run. Raises TuningError when an input is missing (no joint sets yet)."""
+    method = get(name)
+    if subject is None and not method.shared:
+        raise TuningError(f"{name} trains one adapter per subject: name a subject with --subject")
+    ids: dict[str, str] = {}
+    for need in method.needs:
+        ids.update(artefact_ids(ctx, need, _for(get(need), subject)))
+    key = (name, subject.subject_id if subject and not method.shared else None)
+    if key not in ctx.ids:  # a shared id may hash every subject's inputs: compute it once
+        ctx.ids[key] = method.artefact_id(ctx, _for(method, subject), {n: ids[n] for n in method.needs})
+    ids[name] = ctx.ids[key]
+    return ids
+
+
+def tune_command(ctx: Context, name: str, subject: Subject | None) -> str:
+    who = "" if get(name).shared or subject is None else f" --subject {subject.name}"
+    return f"subjectflow tune --method {name}{who} --catalog {ctx.catalog.root}"
+
+
+def current(ctx: Context, name: str, subject: Subject | None,
+            tables: dict[str, dict[str, dict]] | None = None) -> tuple[Artefacts, str | None]:
+    """The current rows of `name` and what it needs, or ({}, why not) with the command to
+    run. `tables` (table -> key -> row) lets a planner read each table once."""
+    try:
+        ids = artefact_ids(ctx, name, subject)
+    except TuningError as exc:
+        return {}, str(exc)
+    found = {}
+    for need, key in ids.items():
+        table = get(need).table
+        row = tables[table.name].get(key) if tables is not None else find_row(ctx.catalog, table, key)
+        if row is None:
+            return {}, (f"no current {need} {kind(need)} for these inputs and settings: "
+                        f"run `{tune_command(ctx, name, subject)}`")
+        found[need] = row
+    return found, None
+
+
+def kind(name: str) -> str:
+    return "adapter" if get(name).table is ADAPTERS else "model"
+
+
+def stale_subjects(ctx: Context, name: str) -> list[str]:
+    """Subjects whose current artefact for a per-subject method is missing (new photos,
+    parameters or base model all change the id)."""
+    table = get(name).table
+    have = set(ctx.catalog.read(table.name).column(table.key[0]).to_pylist())
+    return [s.subject_id for s in load_subjects(ctx.catalog) if artefact_ids(ctx, name, s)[name] not in have]
+
+
+@dataclass
+class TuneOutcome:
+    subject: str
+    method: str
+    artefact: dict
+    made: list[str]
+    reused: list[str]
+    negatives: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        made = "; made " + ", ".join(self.made) if self.made else ""
+        reused = "; reused " + ", ".join(self.reused) if self.reused else ""
+        return f"{self.subject} ({self.method}){made}{reused}"
+
+
+def ensure(ctx: Context, name: str, subject: Subject | None, stop_after: int | None = None,
+           needed_by: str | None = None) -> Artefacts:
+    """`name`'s current artefact and what it needs, training whatever is missing, needs first."""
+    method = get(name)
+    needs: Artefacts = {}
+    for need in method.needs:
+        needs.update(ensure(ctx, need, _for(get(need), subject), needed_by=name))
+    key = artefact_ids(ctx, name, subject)[name]
+    row = find_row(ctx.catalog, method.table, key)
+    label = f"{name} {kind(name)} {key}"
+    if row is not None:
+        ctx.reused.append(label)
+        return {**needs, name: row}
+    if needed_by:
+        ctx.say(f"{subject.name if subject else 'all subjects'}: {needed_by} starts from the {name} {kind(name)} "
+                f"for these inputs and settings; training that first")
+    row = method.train(ctx, _for(method, subject), needs, stop_after)
+    if "interrupted_at" not in row:
+        ctx.made.append(label)
+    return {**needs, name: row}
+
+
+def _subject(ctx: Context, method: Method, subject: str | None) -> Subject | None:
+    if method.shared and subject is None:
+        return None
+    if subject is None:
+        raise TuningError(f"{method.name} trains one adapter per subject: name a subject with --subject")
+    return load_subject(ctx.catalog, subject)
+
+
+def tune(ctx: Context, name: str, subject: str | None, stop_after: int | None = None) -> TuneOutcome:
+    """Make `name`'s artefact (for a subject, or the shared one), first making what it needs."""
+    method = get(name)
+    found = _subject(ctx, method, subject)
+    rows = ensure(ctx, name, found, stop_after)
+    return TuneOutcome(found.name if found and not method.shared else "all subjects", name, rows[name],
+                       ctx.made, ctx.reused)
+
+
+def negatives(ctx: Context, name: str, subject: str) -> TuneOutcome:
+    """The subject's CDNS negatives for `name`, making what their generator needs first."""
+    method = get(name)
+    if not method.makes_negatives:
+        makers = ", ".join(n for n, m in METHODS.items() if m.makes_negatives)
+        raise TuningError(f"method {name!r} trains on no negatives; negatives are made for {makers}")
+    found = load_subject(ctx.catalog, subject)
+    needs: Artefacts = {}
+    for need in method.needs:
+        needs.update(ensure(ctx, need, _for(get(need), found), needed_by="negatives"))
+    made = method.negatives(ctx, found, needs)
+    return TuneOutcome(found.name, f"negatives ({name})", needs[method.needs[-1]], ctx.made, ctx.reused, made)
+
+
+def sample(ctx: Context, name: str | None, subject: str | None, prompt: str, n: int,
+           references: int | None = None) -> list[dict]:
+    """n images of `prompt` with `name`'s current artefact (None: the base model alone)."""
+    found = load_subject(ctx.catalog, subject) if subject else None
+    if name is None:
+        return generate_with_loras(ctx.catalog, ctx.config, ctx.parts, ctx.base,
+                                   subject_prompt(prompt, found, identified(ctx.config, found)), n, found, [],
+                                   "base", None)
+    method = get(name)
+    if found is None and not method.shared:
+        raise TuningError(f"{name} samples with a subject's adapter: name a subject with --subject")
+    rows, why = current(ctx, name, found)
+    if why:
+        raise TuningError(f"{found.name if found else 'catalog'}: {why}")
+    return method.sample(ctx, found, rows, prompt, n, references)
+
+
+def export(ctx: Context, name: str, subject: str | None, out: Path) -> list[Path]:
+    """Copy `name`'s current weights (and what they stack on) with a manifest into `out`."""
+    method = get(name)
+    found = _subject(ctx, method, subject)
+    rows, why = current(ctx, name, found)
+    if why:
+        raise TuningError(f"nothing to export: {why}")
+    return method.export(ctx, rows, out)
+
+
+def describe(verbose: bool = False, config: Config | None = None) -> str:
+    """What `subjectflow methods` prints."""
+    lines = []
+    for name, method in METHODS.items():
+        scope = "shared by every subject" if method.shared else "per subject"
+        needs = f"; needs {', '.join(method.needs)}" if method.needs else ""
+        lines.append(f"{name:<10} {method.summary}\n{'':<10} {scope}{needs}; config: {', '.join(method.sections)}")
+        if verbose and config is not None:
+            for section, values in method.settings(config).items():
+                lines.append(f"{'':<12}{section}: {values}")
+    return "\n".join(lines)
+
+
+def _register_builtin() -> None:
+    from . import jedi, oneactor, sfo, sft
+
+    for method in (sft.METHOD, sfo.METHOD, jedi.METHOD, jedi.SFO_METHOD, oneactor.METHOD):
+        register(method)
+
+
+_register_builtin()

@@ -1,0 +1,133 @@
+"""SFT: DreamBooth-LoRA per subject, SFO's starting point (METHODS.md section 1).
+
+Noise a subject photo's latent at a uniform timestep and regress the noise under the
+instance prompt "a photo of sks <class>", optionally with prior preservation on the base
+model's own class images (Ruiz et al. 2023, eq. 2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..catalog.layout import WORK_DIR
+from ..catalog.schemas import ADAPTERS
+from ..config import Config
+from ..training.adapters import adapter_state, add_lora, load_adapter_state, lora_file_bytes
+from ..training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
+from ..training.data import encode_latents, encode_prompt, instance_prompt
+from ..training.diffusion import Metrics, denoising_loss, denoising_target, pick, unet_eps
+from ..training.loop import train
+from ..training.sampling import sample_adapters, sampling_pipeline
+from ..training.subjects import Subject
+from .base import Artefacts, Context, Method
+
+NAME = "sft"
+
+
+@dataclass
+class SftObjective:
+    unet: UNet2DConditionModel
+    scheduler: object
+    instance_latents: torch.Tensor  # [N, C, h, w] of the subject's photos
+    instance_embeds: torch.Tensor  # [1, L, D] of "a photo of sks <class>"
+    trainable: list[torch.nn.Parameter]
+    batch_size: int = 1
+    adapter_name: str = NAME
+    class_latents: torch.Tensor | None = None  # prior preservation: base-model class images
+    class_embeds: torch.Tensor | None = None
+    prior_weight: float = 1.0
+    _dtype: torch.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._dtype = self.unet.dtype
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.trainable
+
+    def _denoise(self, x0: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        steps = int(self.scheduler.config.num_train_timesteps)
+        t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        return unet_eps(self.unet, self._dtype, noisy, t, embeds), denoising_target(self.scheduler, x0, noise, t)
+
+    def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
+        pred, target = self._denoise(pick(self.instance_latents, self.batch_size, generator), self.instance_embeds, generator)
+        if self.class_latents is None:
+            return denoising_loss(pred, target)
+        prior_pred, prior_target = self._denoise(pick(self.class_latents, self.batch_size, generator),
+                                                 self.class_embeds, generator)
+        return denoising_loss(pred, target, prior_pred, prior_target, self.prior_weight)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.unet, self.adapter_name)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.unet, state, self.adapter_name)
+
+
+def sft_params(config: Config, base: str) -> dict:
+    return {"method": NAME, "base": base, "train": config.train.model_dump(), "sft": config.sft.model_dump()}
+
+
+def _class_images(ctx: Context, subject: Subject) -> torch.Tensor:
+    """Prior-preservation images: the base model's own samples of the class prompt."""
+    config, parts = ctx.config, ctx.parts
+    generator = torch.Generator("cpu").manual_seed(config.train.seed)
+    images = sampling_pipeline(parts)(
+        f"a photo of {subject.class_name}", num_images_per_prompt=config.sft.class_images,
+        height=config.train.resolution, width=config.train.resolution, num_inference_steps=20,
+        generator=generator, output_type="pt").images
+    return encode_latents(parts.vae, images * 2 - 1).to(parts.unet.device)
+
+
+def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> dict:
+    config, parts, catalog = ctx.config, ctx.parts, ctx.catalog
+    params = sft_params(config, ctx.base)
+    adapter = adapter_id(params, subject)
+    latents = file_latents(parts, catalog, [r["normalised_file"] for r in subject.images], config.train.resolution)
+    prompt = instance_prompt(config.sft.identifier, subject.class_name)
+    embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompt)
+    class_latents = class_embeds = None
+    if config.sft.prior_preservation:
+        class_latents = _class_images(ctx, subject)
+        class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, f"a photo of {subject.class_name}")
+    prepare_unet(parts, config.train)
+    trainable = add_lora(parts.unet, config.train.lora_rank, NAME, config.train.seed)
+    try:
+        objective = SftObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable,
+                                 config.train.batch_size, NAME, class_latents, class_embeds, config.sft.prior_weight)
+        result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.train.steps,
+                       config.train.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+        if stop_after is not None and stop_after < config.train.steps:
+            return {"adapter_id": adapter, "interrupted_at": stop_after}
+        row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": NAME, "base_model": ctx.base,
+               "parent_adapter_id": None, "params": json.dumps(params, sort_keys=True),
+               "inputs_hash": subject.inputs_hash, "steps": result.steps, "final_loss": result.final_loss}
+        return record_trained(catalog, ADAPTERS, "adapters", row, result.history, lora_file_bytes(parts.unet, NAME))
+    finally:
+        parts.unet.delete_adapters(NAME)
+
+
+class Sft(Method):
+    name = NAME
+    summary = "DreamBooth-LoRA per subject on its photos (SFO's starting point)"
+    sections = ("train", "sft")
+
+    def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
+        return adapter_id(sft_params(ctx.config, ctx.base), subject)
+
+    def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
+        return train_sft(ctx, subject, stop_after)
+
+    def sample(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, prompt: str, n: int,
+               references: int | None = None) -> list[dict]:
+        return sample_adapters(ctx.catalog, ctx.config, ctx.parts, ctx.base, subject, [artefacts[NAME]], prompt, n,
+                               NAME)
+
+
+METHOD = Sft()

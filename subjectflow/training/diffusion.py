@@ -1,0 +1,97 @@
+"""Denoising maths every method shares: regression targets, per-sample errors, the
+plain denoising loss, and one UNet call in the model's dtype.
+
+The SFO pairwise loss lives with SFO; this is what SFT, JeDi, OneActor and SFO's own
+reference all regress with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+Metrics = dict[str, float]
+
+# Prediction types of diffusers schedulers whose regression target we know how to build.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the denoiser regresses for one noised batch, by the scheduler's `prediction_type`."""
+    prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(
+        f"scheduler prediction_type {prediction_type!r} is not supported; "
+        f"use one of {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # fp32 so bf16/fp16 predictions do not round away the small D_model - D_ref differences.
+    squared = (pred.float() - target.float()) ** 2
+    return squared.reshape(squared.shape[0], -1).mean(dim=1)
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.ndim < 1 or pred.shape[0] < 1:
+        raise ValueError(f"SFT inputs need a batch dimension of size >= 1, got {tuple(pred.shape)}")
+    per_sample = per_sample_error(pred, target)
+    if weights is None:
+        return per_sample.mean()
+    if weights.shape != per_sample.shape:
+        raise ValueError(f"weights must have shape ({pred.shape[0]},), got {tuple(weights.shape)}")
+    return (per_sample * weights.to(per_sample)).mean()
+
+
+def denoising_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    prior_pred: torch.Tensor | None = None,
+    prior_target: torch.Tensor | None = None,
+    prior_weight: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Supervised (DreamBooth) denoising loss: the SFT starting point of METHODS.md section 1.
+
+    loss = mse(pred, target) + prior_weight·mse(prior_pred, prior_target)
+    (Ruiz et al. 2023, DreamBooth eq. 2, prior preservation; Shin et al. arXiv 2506.03621
+    start SFO from this model). `weights` are optional per-sample weights (e.g. min-SNR) on
+    the instance term only, as in the diffusers DreamBooth script.
+    """
+    if (prior_pred is None) != (prior_target is None):
+        raise ValueError("denoising_loss: pass both prior_pred and prior_target, or neither")
+    instance_loss = _mse(pred, target, weights)
+    if prior_pred is None:
+        value = instance_loss.item()
+        return instance_loss, {"loss": value, "instance_loss": value}
+    prior_loss = _mse(prior_pred, prior_target)
+    loss = instance_loss + prior_weight * prior_loss
+    values = torch.stack([loss, instance_loss, prior_loss]).detach().tolist()
+    return loss, dict(zip(("loss", "instance_loss", "prior_loss"), values))
+
+
+def pick(latents: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch_size` rows of `latents` drawn with replacement by the step's generator."""
+    index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator, device=generator.device)
+    return latents[index.to(latents.device)]
+
+
+def unet_eps(unet: UNet2DConditionModel, dtype: torch.dtype, noisy: torch.Tensor, timesteps: torch.Tensor,
+             embeds: torch.Tensor) -> torch.Tensor:
+    """One UNet call; inputs in the UNet's dtype, the prediction back in fp32 for the loss.
+
+    `dtype` is passed in because `unet.dtype` walks every parameter (ms per call on SD 1.5).
+    """
+    states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)  # [1 or B, L, D] -> [B, L, D]
+    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=states).sample.float()

@@ -1,0 +1,56 @@
+"""A subject as training sees it: its catalog row and its ingested photos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..catalog import Catalog
+from ..catalog.schemas import IMAGES, SUBJECTS
+from ..catalog.store import CatalogError
+from ..config import stable_hash
+
+
+class TuningError(CatalogError):
+    """A tuning request the catalog cannot satisfy yet; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    subject_id: str
+    name: str
+    class_name: str
+    images: tuple[dict, ...]  # `images` rows, ordered by image_id
+
+    @property
+    def inputs_hash(self) -> str:
+        return stable_hash([r["image_id"] for r in self.images] + [r["normalised_file"] for r in self.images])
+
+
+def load_subject(catalog: Catalog, name: str) -> Subject:
+    subjects = {r["subject_id"]: r for r in catalog.read(SUBJECTS.name).to_pylist()}
+    row = subjects.get(name) or next((r for r in subjects.values() if r["name"] == name), None)
+    if row is None:
+        known = ", ".join(sorted(subjects)) or "none yet"
+        raise TuningError(f"no subject {name!r} in catalog {catalog.root} (subjects: {known}); "
+                          f"ingest its photos with `subjectflow ingest SOURCE --catalog {catalog.root}`")
+    images = sorted((r for r in catalog.read(IMAGES.name).to_pylist() if r["subject_id"] == row["subject_id"]),
+                    key=lambda r: r["image_id"])
+    if not images:
+        raise TuningError(f"subject {row['name']!r} has no ingested photos; ingest some first")
+    return Subject(row["subject_id"], row["name"], row["class_name"], tuple(images))
+
+
+def load_subjects(catalog: Catalog, names: list[str] | None = None) -> list[Subject]:
+    """Every subject (or those named, by id or name) that has ingested photos, reading each
+    table once: what planners use, so planning stays linear in the number of subjects."""
+    images: dict[str, list[dict]] = {}
+    for row in catalog.read(IMAGES.name).to_pylist():
+        images.setdefault(row["subject_id"], []).append(row)
+    subjects = []
+    for row in sorted(catalog.read(SUBJECTS.name).to_pylist(), key=lambda r: r["subject_id"]):
+        if names is not None and row["subject_id"] not in names and row["name"] not in names:
+            continue
+        photos = sorted(images.get(row["subject_id"], []), key=lambda r: r["image_id"])
+        if photos:  # a subject whose photos were all quarantined has nothing to train on
+            subjects.append(Subject(row["subject_id"], row["name"], row["class_name"], tuple(photos)))
+    return subjects

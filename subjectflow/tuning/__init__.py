@@ -1,1 +1,0 @@
-"""Per-subject tuning: the shared training loop, LoRA adapters, and each method's objective."""
