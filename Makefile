@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/tune.py
 	$(BIN)/python bench/joint.py
+	$(BIN)/python bench/oneactor.py
 	$(BIN)/python bench/refresh.py --sizes 10 100
 
 clean-demo:

@@ -34,10 +34,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from subjectflow.config import TrainConfig
 from subjectflow.methods.jedi.attention import complete_set, coupled
+from subjectflow.methods.jedi.model import JointObjective
 from subjectflow.models.loading import resolve_device
 from subjectflow.models.tiny import build_pipeline
 from subjectflow.training.adapters import add_lora
-from subjectflow.methods.jedi.model import JointObjective
 from subjectflow.training.loop import train
 from tune import SD15_UNET  # bench/tune.py: run as a script, bench/ is on sys.path
 

@@ -53,12 +53,12 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from subjectflow.config import SfoConfig, TrainConfig
+from subjectflow.methods.sfo.objective import SfoObjective
+from subjectflow.methods.sft import SftObjective
 from subjectflow.models.loading import resolve_device
 from subjectflow.models.tiny import build_pipeline
 from subjectflow.training.adapters import add_lora, freeze_all_but
 from subjectflow.training.loop import train
-from subjectflow.methods.sfo.objective import SfoObjective
-from subjectflow.methods.sft import SftObjective
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that shape compute
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
