@@ -46,7 +46,7 @@ def _add_catalog(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line flags as config overrides (section -> key -> value); `--set` last."""
     flags = {("ingest", "workers"): "workers", ("ingest", "resolution"): "resolution",
-             ("train", "steps"): "steps", ("model", "base"): "model",
+             ("model", "base"): "model",
              ("generate", "steps"): "sample_steps", ("jointsets", "set_size"): "set_size"}
     overrides: dict[str, dict[str, Any]] = {}
     for (section, key), flag in flags.items():
@@ -64,6 +64,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "no_version", False):
         overrides["versioning"] = {"enabled": False}
     return overrides
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def _open(args: argparse.Namespace) -> Catalog:
@@ -172,6 +179,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     methods = args.method or list(config.evaluate.methods)
     if not (args.subject or args.all or all(registry.get(m).shared for m in methods)):
         raise ConfigError("name the subjects with --subject NAME (repeatable), or pass --all")
+    if args.steps is not None:  # each named method's own step count, not its parent's
+        settings = sorted({registry.get(m).steps_setting for m in methods})
+        steps = {}
+        for setting in settings:
+            section, key = setting.split(".")
+            steps.setdefault(section, {})[key] = args.steps
+        config = load_config(catalog.params_file, _merge(_overrides(args), steps))
+        print(f"tune: --steps {args.steps} sets {', '.join(settings)}")
     run = tune_methods_flow(str(catalog.root), methods, args.subject or None, config)
     print(run.summary())
     return 1 if run.failures else 0
@@ -211,10 +226,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from subjectflow.methods import registry
     from subjectflow.methods.base import Context
-    from subjectflow.training.artefacts import base_model_id, open_model
 
     catalog, config = _config(args)
-    ctx = Context(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0])
+    ctx = Context.open(catalog, config)
     out = Path(args.out)
     for path in registry.export(ctx, args.method, args.subject, out):
         print(path)
@@ -351,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help=METHOD_HELP)
     p.add_argument("--subject", action="append", help="subject to tune (repeatable)")
     p.add_argument("--all", action="store_true", help="every subject whose artefact is missing or stale")
-    p.add_argument("--steps", type=int, help="training steps of the shared loop (default: train.steps)")
+    p.add_argument("--steps", type=int, help="training steps of each named method, set in its own section "
+                   "(`subjectflow methods` shows which setting)")
     _add_set(p)
     p.add_argument("--model", help="base model: tiny-sd, a local diffusers folder or a cached hub id (default: model.base)")
     _add_catalog(p)
@@ -400,15 +415,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Prefect's temporary API server must answer within 20 s by default; while other jobs keep
+# every core busy (a training run, CI) it often takes longer. A user's own setting wins.
+SERVER_STARTUP_S = "300"
+SERVER_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+def _server_did_not_start(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and SERVER_TIMEOUT in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Offline machines are the norm here; the temporary server's telemetry ping would
     # only log a DNS failure. Users can still opt in by setting the variable.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", SERVER_STARTUP_S)
     try:
         return args.fn(args)
     except (SourceError, CatalogError, ConfigError, ModelNotAvailable) as exc:
         print(f"subjectflow: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _server_did_not_start(exc):
+            raise
+        waited = os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+        print(f"subjectflow: error: Prefect's temporary API server did not answer within {waited} s (a busy "
+              f"machine?); set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start one with "
+              f"`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
         return 2
 
 

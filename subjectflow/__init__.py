@@ -5,4 +5,8 @@ It never imports Prefect or the CLI: `tasks/` wraps it as Prefect tasks and `flo
 composes those.
 """
 
+from .quiet import silence_library_noise
+
+silence_library_noise()
+
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,13 +76,20 @@ class ModelConfig(_Section):
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
 
 
+# "auto" = the base model's native size (tiny-sd 64, SD 1.x 512, SD 2.x 768, SDXL 1024):
+# its UNet's sample_size times the VAE's downsampling, resolved once per run by
+# `Config.at_native_resolution` so every artefact records the number it used.
+Resolution = Literal["auto"] | Annotated[int, Field(ge=16, le=4096)]
+AUTO = "auto"
+
+
 class TrainConfig(_Section):
-    """What every training run shares (the loop in subjectflow/tuning/loop.py)."""
+    """What every training run shares (the loop in subjectflow/training/loop.py)."""
 
     steps: int = Field(400, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
-    resolution: int = Field(512, ge=16, le=4096)
+    resolution: Resolution = AUTO
     learning_rate: float = Field(1e-4, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
@@ -132,7 +139,7 @@ class NegativesConfig(_Section):
 class GenerateConfig(_Section):
     steps: int = Field(30, ge=1)
     guidance: float = Field(7.5, ge=0)
-    resolution: int = Field(512, ge=16, le=4096)
+    resolution: Resolution = AUTO
     seed: int = 0
 
 
@@ -164,7 +171,7 @@ class JointSetsConfig(_Section):
 
     set_size: int = Field(3, ge=2, le=8)
     sets_per_subject: int = Field(8, ge=1)
-    resolution: int = Field(512, ge=16, le=4096)
+    resolution: Resolution = AUTO
     shard_rows: int = Field(512, ge=1)  # members per Parquet shard: the streaming unit
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
@@ -247,6 +254,21 @@ class Config(_Section):
 
     def digest(self) -> str:
         return stable_hash(self.model_dump())
+
+    @property
+    def resolves_resolution(self) -> bool:
+        return AUTO in (self.train.resolution, self.generate.resolution, self.jointsets.resolution)
+
+    def at_native_resolution(self, native: Callable[[], int]) -> Config:
+        """This config with every "auto" resolution replaced by `native()`, the base
+        model's size (called only when one is "auto"); explicit numbers stay."""
+        if not self.resolves_resolution:
+            return self
+        size = native()
+        return self.model_copy(update={
+            name: section.model_copy(update={"resolution": size})
+            for name, section in (("train", self.train), ("generate", self.generate), ("jointsets", self.jointsets))
+            if section.resolution == AUTO})
 
 
 def stable_hash(value: Any) -> str:

@@ -22,7 +22,7 @@ def plan_evaluations_task(catalog_root: Path, config: Config, subjects: list[str
 
 @task(name="evaluate", task_run_name="evaluate-{job.subject.name}-{job.method}")
 def evaluate_task(catalog_root: Path, job: Evaluation, config: Config) -> list[dict]:
-    with device_slot():
-        ctx = method_context(catalog_root, config)
-        scorers = load_scorers(config.evaluate, device=ctx.parts.unet.device, models_dir=ctx.catalog.root / MODELS_DIR)
-        return evaluate(ctx, job, scorers, ingest_masker(config.ingest.mask))
+    with device_slot(config) as placed:
+        ctx = method_context(catalog_root, placed)
+        scorers = load_scorers(placed.evaluate, device=ctx.parts.unet.device, models_dir=ctx.catalog.root / MODELS_DIR)
+        return evaluate(ctx, job, scorers, ingest_masker(placed.ingest.mask))

@@ -7,7 +7,7 @@ so mapped subjects queue for devices instead of fighting over memory.
 from __future__ import annotations
 
 import contextlib
-import threading
+import queue
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +24,7 @@ from subjectflow.jointsets import JointSetsReport, build_jointsets
 from subjectflow.methods import registry
 from subjectflow.methods.base import Context
 from subjectflow.methods.registry import TuneOutcome
-from subjectflow.training.artefacts import base_model_id, open_model
+from subjectflow.training.artefacts import at_model_resolution, open_model
 
 GPU_LIMIT = "subjectflow-gpu"
 SLOT_TIMEOUT_S = 6 * 3600  # longer than any one subject's tuning; then fail, never hang
@@ -34,7 +34,15 @@ def device_slots() -> int:
     return torch.cuda.device_count() or 1
 
 
-_local_slots = threading.BoundedSemaphore(device_slots())
+def _device_queue() -> queue.Queue[int]:
+    free: queue.Queue[int] = queue.Queue()
+    for index in range(device_slots()):
+        free.put(index)
+    return free
+
+
+# This process's free devices: a slot is a concrete GPU, so two tasks never share one.
+_free_devices = _device_queue()
 
 
 def device_task_runner() -> ThreadPoolTaskRunner:
@@ -58,11 +66,7 @@ def _uses_server() -> bool:
 
 
 @contextlib.contextmanager
-def device_slot() -> Iterator[None]:
-    if not _uses_server():
-        with _local_slots:
-            yield
-        return
+def _server_slot() -> Iterator[None]:
     try:
         with concurrency(GPU_LIMIT, occupy=1, strict=True, timeout_seconds=SLOT_TIMEOUT_S):
             yield
@@ -70,6 +74,20 @@ def device_slot() -> Iterator[None]:
         raise TimeoutError(
             f"waited {SLOT_TIMEOUT_S}s for a '{GPU_LIMIT}' slot; if no other run is using the devices, "
             f"a crashed run still holds one: `prefect gcl update {GPU_LIMIT} --active-slots 0`") from None
+
+
+@contextlib.contextmanager
+def device_slot(config: Config) -> Iterator[Config]:
+    """Hold one device for the block; yields `config` placed on it (`model.device`
+    "auto" becomes that slot's `cuda:i`; an explicit device is the user's choice)."""
+    with _server_slot() if _uses_server() else contextlib.nullcontext():
+        index = _free_devices.get()
+        try:
+            if config.model.device == "auto" and torch.cuda.device_count():
+                config = config.model_copy(update={"model": config.model.model_copy(update={"device": f"cuda:{index}"})})
+            yield config
+        finally:
+            _free_devices.put(index)
 
 
 @task(name="ensure-gpu-limit", retries=2, retry_delay_seconds=2)
@@ -81,9 +99,7 @@ def ensure_gpu_limit_task(slots: int) -> None:
 
 def method_context(catalog_root: Path, config: Config) -> Context:
     """The catalog, config and base model id, with the model loaded only when work needs it."""
-    catalog = Catalog.open(catalog_root)
-    return Context(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0],
-                   say=get_run_logger().info)
+    return Context.open(Catalog.open(catalog_root), config, say=get_run_logger().info)
 
 
 @task(name="plan-tuning")
@@ -94,19 +110,20 @@ def stale_subjects_task(catalog_root: Path, method: str, config: Config) -> list
 @task(name="tune", task_run_name="tune-{method}-{subject}")
 def tune_task(catalog_root: Path, subject: str | None, method: str, config: Config) -> TuneOutcome:
     """One subject's artefact for `method` (or the shared one when subject is None)."""
-    with device_slot():
-        return registry.tune(method_context(catalog_root, config), method, subject)
+    with device_slot(config) as placed:
+        return registry.tune(method_context(catalog_root, placed), method, subject)
 
 
 @task(name="make-negatives", task_run_name="negatives-{method}-{subject}")
 def negatives_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
-    with device_slot():
-        return registry.negatives(method_context(catalog_root, config), method, subject)
+    with device_slot(config) as placed:
+        return registry.negatives(method_context(catalog_root, placed), method, subject)
 
 
 @task(name="build-jointsets")
 def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | None = None) -> JointSetsReport:
     catalog = Catalog.open(catalog_root)
+    config = at_model_resolution(catalog, config)
     extra = None
     if config.jointsets.synthetic.enabled:
         from subjectflow.jointsets.synthetic import synthetic_planner
@@ -120,5 +137,5 @@ def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | Non
 def generate_task(catalog_root: Path, subject: str | None, method: str | None, prompt: str, n: int, config: Config,
                   references: int | None = None) -> list[dict]:
     """Samples with `method`'s current artefact for the subject; method None: the base model."""
-    with device_slot():
-        return registry.sample(method_context(catalog_root, config), method, subject, prompt, n, references)
+    with device_slot(config) as placed:
+        return registry.sample(method_context(catalog_root, placed), method, subject, prompt, n, references)

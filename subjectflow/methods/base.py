@@ -21,6 +21,8 @@ from ..catalog import Catalog
 from ..catalog.schemas import ADAPTERS, TableSpec
 from ..config import Config
 from ..models.loading import ModelParts
+from ..training.artefacts import at_model_resolution, base_model_id, open_model
+from ..training.export import export_lora_policy
 from ..training.subjects import Subject
 
 # The rows a method works from: its own artefact and, recursively, those it needs, by method name.
@@ -42,6 +44,12 @@ class Context:
     ids: dict[tuple[str, str | None], str] = field(default_factory=dict)  # the registry's id cache
     _parts: ModelParts | None = field(default=None, init=False, repr=False)
 
+    @classmethod
+    def open(cls, catalog: Catalog, config: Config, say: Callable[[str], None] = print) -> Context:
+        """The context for work on `catalog`: "auto" resolutions resolved for its base model."""
+        config = at_model_resolution(catalog, config)
+        return cls(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0], say)
+
     @property
     def parts(self) -> ModelParts:
         if self._parts is None:
@@ -57,6 +65,7 @@ class Method:
     sections: tuple[str, ...] = ()  # config sections that shape its artefact, shown by `subjectflow methods`
     table: TableSpec = ADAPTERS  # where its artefacts are recorded (adapters or models)
     makes_negatives: bool = False  # `subjectflow negatives --method NAME` renders its CDNS negatives
+    steps_setting: str = "train.steps"  # what `tune --method NAME --steps N` sets
 
     def enabled(self, config: Config) -> bool:
         """False when the configuration switches the method off (the refresh skips it)."""
@@ -90,16 +99,24 @@ class Method:
         """(file name, row) of every weight file one needs to use it, base-most first."""
         return [(f"{self.name}.safetensors", artefacts[self.name])]
 
-    def export(self, ctx: Context, artefacts: Artefacts, out: Path) -> list[Path]:
-        """Copy its weights and a manifest of their rows into `out`."""
+    def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]] | None:
+        """(trigger words, LoRA rows base-most first) when plain txt2img with those LoRAs
+        stacked is the method's whole sampler, so it exports as one diffusers LoRA."""
+        return None
+
+    def export(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, out: Path) -> list[Path]:
+        """Its weights and a manifest of their rows in `out`; a LoRA policy also as one
+        `pytorch_lora_weights.safetensors` with a model card."""
         out.mkdir(parents=True, exist_ok=True)
+        policy = self.lora_policy(ctx, subject, artefacts)
+        exported = export_lora_policy(ctx.catalog, self.name, ctx.base, *policy, out) if policy else []
         files, manifest = [], []
         for name, row in self.weights(artefacts):
             files.append(Path(shutil.copyfile(ctx.catalog.blob_path(row["file"]), out / name)))
             manifest.append({**{k: _jsonable(v) for k, v in row.items()}, "file": name, "catalog_file": row["file"]})
         (out / "manifest.json").write_text(json.dumps({"method": self.name, "base_model": ctx.base,
                                                        "weights": manifest}, indent=2) + "\n")
-        return files
+        return exported + files
 
     def settings(self, config: Config) -> dict[str, Any]:
         return {section: getattr(config, section).model_dump(mode="json") for section in self.sections}

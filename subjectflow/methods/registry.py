@@ -8,8 +8,10 @@ is its module, a `register` line at the bottom, its config section and its tests
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..catalog.schemas import ADAPTERS
@@ -140,16 +142,54 @@ def ensure(ctx: Context, name: str, subject: Subject | None, stop_after: int | N
     key = artefact_ids(ctx, name, subject)[name]
     row = find_row(ctx.catalog, method.table, key)
     label = f"{name} {kind(name)} {key}"
+    who = subject.name if subject and not method.shared else "all subjects"
     if row is not None:
         ctx.reused.append(label)
+        if needed_by:
+            ctx.say(f"{who}: {needed_by} starts from {label}, made {_age(row)} ago")
         return {**needs, name: row}
     if needed_by:
-        ctx.say(f"{subject.name if subject else 'all subjects'}: {needed_by} starts from the {name} {kind(name)} "
-                f"for these inputs and settings; training that first")
+        ctx.say(f"{who}: {needed_by} starts from the {name} {kind(name)} for these inputs and settings; "
+                f"training that first{_other_settings(ctx, method, subject)}")
     row = method.train(ctx, _for(method, subject), needs, stop_after)
     if "interrupted_at" not in row:
         ctx.made.append(label)
     return {**needs, name: row}
+
+
+def _age(row: dict) -> str:
+    seconds = (datetime.now(timezone.utc) - row["created_at"]).total_seconds()
+    return next(f"{seconds / size:.0f} {unit}" for size, unit in ((86400, "d"), (3600, "h"), (60, "min"), (1, "s"))
+                if seconds >= size or unit == "s")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _other_settings(ctx: Context, method: Method, subject: Subject | None) -> str:
+    """When the catalog holds this method's artefact for other settings: what differs, and
+    the `--set` that would use the existing one instead (nothing when there is none)."""
+    key_column = method.table.key[0]
+    rows = [r for r in ctx.catalog.read(method.table.name).to_pylist()
+            if r["method"] == method.name and (method.shared or subject is None or r.get("subject_id") == subject.subject_id)]
+    if not rows:
+        return ""
+    newest = max(rows, key=lambda r: r["created_at"])
+    theirs = _flat(json.loads(newest["params"]))
+    ours = _flat(method.settings(ctx.config))
+    differ = {k: (theirs[k], v) for k, v in ours.items() if k in theirs and theirs[k] != v}
+    if not differ:
+        return f" (the catalog's {method.name} {newest[key_column]} was made from other inputs)"
+    shown = ", ".join(f"{k} {old} there, {new} now" for k, (old, new) in differ.items())
+    keep = " ".join(f"--set {k}={json.dumps(old)}" for k, (old, _) in differ.items())
+    return f" (the catalog's {method.name} {newest[key_column]}, {_age(newest)} old, differs: {shown}; `{keep}` uses it)"
 
 
 def _subject(ctx: Context, method: Method, subject: str | None) -> Subject | None:
@@ -207,7 +247,7 @@ def export(ctx: Context, name: str, subject: str | None, out: Path) -> list[Path
     rows, why = current(ctx, name, found)
     if why:
         raise TuningError(f"nothing to export: {why}")
-    return method.export(ctx, rows, out)
+    return method.export(ctx, found, rows, out)
 
 
 def describe(verbose: bool = False, config: Config | None = None) -> str:
@@ -216,7 +256,8 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
     for name, method in METHODS.items():
         scope = "shared by every subject" if method.shared else "per subject"
         needs = f"; needs {', '.join(method.needs)}" if method.needs else ""
-        lines.append(f"{name:<10} {method.summary}\n{'':<10} {scope}{needs}; config: {', '.join(method.sections)}")
+        lines.append(f"{name:<10} {method.summary}\n{'':<10} {scope}{needs}; config: {', '.join(method.sections)}; "
+                     f"--steps sets {method.steps_setting}")
         if verbose and config is not None:
             for section, values in method.settings(config).items():
                 lines.append(f"{'':<12}{section}: {values}")

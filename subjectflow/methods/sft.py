@@ -21,7 +21,7 @@ from ..training.artefacts import adapter_id, autocast_dtype, file_latents, prepa
 from ..training.data import encode_latents, encode_prompt, instance_prompt
 from ..training.diffusion import Metrics, denoising_loss, denoising_target, pick, unet_eps
 from ..training.loop import train
-from ..training.sampling import sample_adapters, sampling_pipeline
+from ..training.sampling import identified, sample_adapters, sampling_pipeline
 from ..training.subjects import Subject
 from .base import Artefacts, Context, Method
 
@@ -128,6 +128,9 @@ class Sft(Method):
                references: int | None = None) -> list[dict]:
         return sample_adapters(ctx.catalog, ctx.config, ctx.parts, ctx.base, subject, [artefacts[NAME]], prompt, n,
                                NAME)
+
+    def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]]:
+        return identified(ctx.config, subject), [artefacts[NAME]]
 
 
 METHOD = Sft()

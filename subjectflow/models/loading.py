@@ -81,6 +81,17 @@ def _check_device_present(target: torch.device) -> None:
                          "use device 'auto' or 'cpu'")
 
 
+def native_resolution(path: str) -> int:
+    """The image side a diffusers pipeline folder works at: its UNet's sample_size times
+    the VAE's downsampling (tiny-sd 64, SD 1.x 512, SD 2.x 768, SDXL 1024)."""
+    root = Path(path)
+    unet = json.loads((root / "unet" / "config.json").read_text())
+    vae = json.loads((root / "vae" / "config.json").read_text())
+    size = unet["sample_size"]
+    side = size[0] if isinstance(size, (list, tuple)) else size
+    return int(side) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def resolve_model_path(model: str, models_dir: Path, *, allow_download: bool = False) -> str:
     """The local folder holding `model`, a diffusers pipeline folder (model_index.json).
 
@@ -134,6 +145,11 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
                                 f"id and your network/token, or fetch it with `hf download {repo_id}`") from exc
 
 
+# The pipelines whose parts (one CLIP text encoder, UNet2DConditionModel, 4-channel VAE)
+# every method here is written for; SDXL, SD3 and FLUX are refused when the model opens.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
 def _check_pipeline_folder(folder: Path, what: str) -> Path:
     index = folder / "model_index.json"
     if not index.is_file():
@@ -142,8 +158,13 @@ def _check_pipeline_folder(folder: Path, what: str) -> Path:
             f"model at the folder a diffusers `save_pretrained` wrote, or at a hub id; single-file "
             f"checkpoints (.ckpt/.safetensors) must be converted first."
         )
-    components = [name for name, spec in json.loads(index.read_text()).items()
-                  if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None]
+    spec = json.loads(index.read_text())
+    family = spec.get("_class_name")
+    if family not in SUPPORTED_PIPELINES:
+        raise ModelNotAvailable(f"{what} is a {family} model; subjectflow supports Stable Diffusion 1.x and 2.x "
+                                f"({', '.join(SUPPORTED_PIPELINES)}) for now: pick such a base model")
+    components = [name for name, part in spec.items()
+                  if not name.startswith("_") and isinstance(part, list) and part[0] is not None]
     missing = [name for name in components if not (folder / name).is_dir()]
     if missing:
         raise ModelNotAvailable(f"{what} is incomplete: model_index.json lists {', '.join(missing)} but "
@@ -196,6 +217,11 @@ def load_components(model: str, models_dir: Path, device: torch.device, dtype: t
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model_path(model, models_dir, allow_download=allow_download)
+    if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32), as diffusers' --allow_tf32
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     # transformers casts on .to() without complaint (and its own keyword changed too).
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(dtype=dtype)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **_dtype_kwarg(dtype))

@@ -14,7 +14,7 @@ from ..catalog.layout import MODELS_DIR
 from ..catalog.schemas import TRAIN_LOG, TableSpec
 from ..catalog.store import utcnow
 from ..config import Config, TrainConfig, stable_hash
-from ..models.loading import ModelParts, load_components, resolve_device, resolve_model_path
+from ..models.loading import ModelParts, load_components, native_resolution, resolve_device, resolve_model_path
 from .data import encode_latents, load_images
 from .subjects import Subject
 
@@ -33,6 +33,12 @@ def model_version(path: str) -> str:
 def base_model_id(catalog: Catalog, config: Config) -> str:
     """How artefacts name their base model: config name @ content version."""
     return f"{config.model.base}@{model_version(resolve_model_path(config.model.base, catalog.root / MODELS_DIR))}"
+
+
+def at_model_resolution(catalog: Catalog, config: Config) -> Config:
+    """`config` with each "auto" resolution set to the base model's native size."""
+    return config.at_native_resolution(
+        lambda: native_resolution(resolve_model_path(config.model.base, catalog.root / MODELS_DIR)))
 
 
 def open_model(catalog: Catalog, config: Config) -> tuple[ModelParts, str]:

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..progress import progress
+from .subjects import TuningError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 2
@@ -71,13 +72,13 @@ def checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(work_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
-                     history: list[dict[str, float]]) -> None:
+                     history: list[dict[str, float]], scaler: torch.amp.GradScaler | None) -> None:
     # Written beside, then renamed into place: a kill mid-save never leaves a checkpoint
     # that looks complete but is not.
     tmp = work_dir / f".{CHECKPOINT_PREFIX}{step}.{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
     torch.save({"step": step, "adapter": objective.adapter_state(), "optimizer": optimizer.state_dict(),
-                "history": history}, tmp / "state.pt")
+                "history": history, "scaler": scaler.state_dict() if scaler else None}, tmp / "state.pt")
     final = work_dir / f"{CHECKPOINT_PREFIX}{step}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -103,41 +104,53 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     params = objective.parameters()
     optimizer = make_optimizer(params, config, learning_rate)
+    device_type = torch.device(device).type
+    # fp16 gradients of small LoRA weights underflow without loss scaling; bf16 needs none.
+    scaler = torch.amp.GradScaler(device_type) if autocast_dtype == torch.float16 else None
     result = TrainResult(steps)
     start = 0
     found = checkpoints(work_dir)
     if found:
         start, path = found[-1]
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         objective.load_adapter_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         result.history = list(state["history"])
         result.resumed_from = start
 
-    device_type = torch.device(device).type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
                 else contextlib.nullcontext())
     accumulation = config.gradient_accumulation
-    with tqdm(total=steps, initial=start, desc="train", unit="step", disable=None) as progress:
+    with progress(steps, "train", initial=start) as shown:
         for step in range(start, steps):
             totals: dict[str, float] = {}
             for micro in range(accumulation):
                 with autocast:
                     loss, metrics = objective.loss(step_generator(config.seed, step, micro, device))
-                (loss / accumulation).backward()
+                if not torch.isfinite(loss):
+                    kept = checkpoints(work_dir)
+                    raise TuningError(f"training diverged: loss {loss.item()} at step {step + 1} (last good checkpoint: "
+                                      f"{kept[-1][1] if kept else 'none yet'}); lower the learning rate, or train "
+                                      f"in bf16 rather than fp16")
+                (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / accumulation
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             row = {"step": float(step + 1), **totals}
             result.history.append(row)
             if on_step:
                 on_step(step + 1, row)
-            progress.set_postfix(loss=f"{totals.get('loss', float('nan')):.4f}")
-            progress.update(1)
+            shown.update(1, loss=totals.get("loss", float("nan")))
             done = step + 1
             if done % config.checkpoint_every == 0 or done == steps or done == stop_after:
-                _save_checkpoint(work_dir, done, objective, optimizer, result.history)
+                _save_checkpoint(work_dir, done, objective, optimizer, result.history, scaler)
             if done == stop_after:
                 break
     return result

@@ -85,3 +85,22 @@ def test_joint_training_keeps_one_text_embedding_per_distinct_caption(tmp_path):
     for members, indices in zip(sets, set_captions):
         for caption, i in zip(members.captions, indices):
             torch.testing.assert_close(captions[i], encode_prompt(parts.tokenizer, parts.text_encoder, caption)[0])
+
+
+def test_full_unet_joint_training_keeps_fp32_master_weights_under_bf16(tmp_path):
+    from safetensors.torch import load_file
+
+    config = tiny_config(jointsets={"resolution": 32, "sets_per_subject": 2}, model={"precision": "bf16"},
+                         joint={"steps": 2, "weights": "unet", "learning_rate": 1e-6})
+    catalog = ingested_catalog(tmp_path)
+    build_jointsets(catalog, config.jointsets, say=lambda _: None)
+    ctx = context(catalog, config)
+    before = {k: v.float().clone() for k, v in ctx.parts.unet.state_dict().items()}
+    row = train_joint(ctx)
+    trained = load_file(catalog.blob_path(row["file"]))
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # the master weights, not a bf16 copy
+    moved = [k for k, v in trained.items() if not torch.equal(v, before[k])]
+    # lr 1e-6 moves a weight by ~1e-6, below bf16's resolution for nearly every weight:
+    # trained in bf16 these updates would round away.
+    assert len(moved) > len(trained) // 2
+    assert ctx.parts.unet.dtype == torch.bfloat16  # back to the run's dtype for sampling

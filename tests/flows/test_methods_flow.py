@@ -30,9 +30,12 @@ def test_oneactor_tunes_generates_evaluates_and_exports_through_the_cli(tmp_path
     config = tiny_config(oneactor=ONEACTOR, evaluate={"prompts": 1, "images_per_prompt": 2, "methods": ["oneactor"]})
     cli = lambda *args: _cli(catalog, config, *args)  # noqa: E731
 
-    assert cli("tune", "--method", "oneactor", "--subject", "vase") == 0
-    assert "made vase cluster" in capfd.readouterr().out
-    assert [(a["method"], a["subject_id"]) for a in catalog.read("adapters").to_pylist()] == [("oneactor", "vase")]
+    assert cli("tune", "--method", "oneactor", "--subject", "vase", "--steps", "3") == 0
+    out = capfd.readouterr().out
+    assert "--steps 3 sets oneactor.steps" in out and "made vase cluster" in out
+    adapters = catalog.read("adapters").to_pylist()
+    assert [(a["method"], a["subject_id"], a["steps"]) for a in adapters] == [("oneactor", "vase", 3)]
+    config = tiny_config(oneactor={**ONEACTOR, "steps": 3}, evaluate=config.evaluate.model_dump())
     assert catalog.read("clusters").to_pylist()[0]["class_name"] == "vase"
     assert cli("generate", "--method", "oneactor", "--subject", "vase", "--n", "1") == 0
     assert cli("evaluate") == 0

@@ -68,10 +68,27 @@ def test_without_a_prefect_server_device_slots_are_taken_in_process(monkeypatch)
     import tasks.tune as tune_tasks
 
     monkeypatch.setattr(tune_tasks, "_uses_server", lambda: False)
-    with tune_tasks.device_slot():
-        assert not tune_tasks._local_slots.acquire(blocking=False)  # the one CPU slot is taken
-    assert tune_tasks._local_slots.acquire(blocking=False)
-    tune_tasks._local_slots.release()
+    config = tiny_config()
+    with tune_tasks.device_slot(config) as placed:
+        assert tune_tasks._free_devices.empty() and placed is config  # the one CPU slot is taken
+    assert tune_tasks._free_devices.qsize() == 1
+
+
+def test_each_slot_is_a_concrete_gpu_handed_to_the_task_that_takes_it(monkeypatch):
+    import torch
+
+    import tasks.tune as tune_tasks
+
+    monkeypatch.setattr(tune_tasks, "_uses_server", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a faked 3-GPU machine
+    monkeypatch.setattr(tune_tasks, "_free_devices", tune_tasks._device_queue())
+    config = tiny_config()
+    with tune_tasks.device_slot(config) as first, tune_tasks.device_slot(config) as second:
+        assert (first.model.device, second.model.device) == ("cuda:0", "cuda:1")
+        assert tune_tasks._free_devices.qsize() == 1
+    assert tune_tasks._free_devices.qsize() == 3
+    with tune_tasks.device_slot(tiny_config(model={"device": "cpu"})) as explicit:
+        assert explicit.model.device == "cpu"  # the user's own device choice stands
 
 
 def test_flows_that_map_model_tasks_run_them_on_one_thread_per_device():

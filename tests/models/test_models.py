@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from subjectflow.models import (
-    TINY_SD, ModelNotAvailable, build_tiny_sd, ensure_tiny_sd, load_components, load_pipeline, resolve_device,
-    resolve_model_path,
+    TINY_SD, ModelNotAvailable, build_tiny_sd, ensure_tiny_sd, load_components, load_pipeline, native_resolution,
+    resolve_device, resolve_model_path,
 )
 
 PROMPT = "a sks teapot on the beach"
@@ -271,3 +271,33 @@ def test_resolve_device():
         resolve_device("cpu", "float16")
     with pytest.raises(ValueError, match="CPU"):
         resolve_device("cpu", "fp16")
+
+
+@pytest.mark.parametrize("sample_size, vae_blocks, native", [(64, 4, 512), (96, 4, 768), (128, 4, 1024), ([64, 64], 4, 512)])
+def test_native_resolution_is_the_unets_sample_size_times_the_vae_factor(tmp_path, sample_size, vae_blocks, native):
+    for part, config in (("unet", {"sample_size": sample_size}), ("vae", {"block_out_channels": [64] * vae_blocks})):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps(config))
+    assert native_resolution(str(tmp_path)) == native
+
+
+def test_auto_resolutions_follow_the_base_model_and_numbers_stay(tiny_dir, tmp_path):
+    from subjectflow.catalog import init_catalog
+    from subjectflow.config import Config
+    from subjectflow.training.artefacts import at_model_resolution
+
+    assert native_resolution(str(tiny_dir)) == 64
+    catalog = init_catalog(tmp_path / "catalog", Config())
+    config = Config().model_copy(update={"generate": Config().generate.model_copy(update={"resolution": 48})})
+    resolved = at_model_resolution(catalog, config)
+    assert (resolved.train.resolution, resolved.jointsets.resolution, resolved.generate.resolution) == (64, 64, 48)
+    assert at_model_resolution(catalog, resolved) is resolved  # nothing left to resolve: the model is not read
+
+
+@pytest.mark.parametrize("family", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
+def test_unsupported_model_families_are_refused_when_the_model_opens(tiny_dir, tmp_path, family):
+    copy = shutil.copytree(tiny_dir, tmp_path / "model")
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": family}))
+    with pytest.raises(ModelNotAvailable, match=f"is a {family} model; subjectflow supports Stable Diffusion 1.x"):
+        resolve_model_path(str(copy), tmp_path)

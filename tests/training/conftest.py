@@ -3,7 +3,6 @@ import pytest
 from subjectflow.catalog import init_catalog
 from subjectflow.config import load_config
 from subjectflow.methods.base import Context
-from subjectflow.training.artefacts import open_model
 from tests.ingest.helpers import ingest
 from tests.photos import photo_set
 
@@ -37,5 +36,6 @@ def two_subjects(tmp_path):
 
 def context(catalog, config, say=print):
     """A method context whose model is loaded now (tests time the work, not the lazy load)."""
-    parts, base = open_model(catalog, config)
-    return Context(catalog, config, base, lambda: parts, say)
+    ctx = Context.open(catalog, config, say)
+    ctx.parts  # noqa: B018 - loaded here, on purpose
+    return ctx

@@ -66,3 +66,61 @@ def test_every_training_option_runs_a_step(tmp_path, option):
     assert row["steps"] == 1 and np.isfinite(row["final_loss"])
     metrics = {r["metric"] for r in catalog.read("train_log").to_pylist()}
     assert ("prior_loss" in metrics) == bool(option.get("sft", {}).get("prior_preservation"))
+
+
+class Quadratic:
+    """The loop's Objective on two numbers: fast, and it can be told to diverge."""
+
+    def __init__(self, diverge_at=None):
+        self.w, self.calls, self.diverge_at = torch.nn.Parameter(torch.zeros(2)), 0, diverge_at
+
+    def parameters(self):
+        return [self.w]
+
+    def loss(self, generator):
+        self.calls += 1
+        loss = ((self.w - torch.randn(2, generator=generator)) ** 2).sum()
+        if self.calls == self.diverge_at:
+            loss = loss * float("inf")
+        return loss, {"loss": loss.item()}
+
+    def adapter_state(self):
+        return {"w": self.w.detach().clone()}
+
+    def load_adapter_state(self, state):
+        self.w.data.copy_(state["w"])
+
+
+def test_a_diverged_loss_stops_the_run_and_names_the_last_good_checkpoint(tmp_path):
+    from subjectflow.config import TrainConfig
+    from subjectflow.training.loop import checkpoints, train
+    from subjectflow.training.subjects import TuningError
+
+    with pytest.raises(TuningError, match=r"diverged: loss inf at step 4 \(last good checkpoint: .*checkpoint-2\)"):
+        train(Quadratic(diverge_at=4), TrainConfig(steps=6, checkpoint_every=2), tmp_path, 6, 0.1)
+    assert [step for step, _ in checkpoints(tmp_path)] == [2]
+
+
+def test_without_a_terminal_progress_is_logged_as_lines(tmp_path, capsys):
+    from subjectflow.config import TrainConfig
+    from subjectflow.training.loop import train
+
+    train(Quadratic(), TrainConfig(steps=5, checkpoint_every=5), tmp_path, 5, 0.1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train ")]
+    assert len(lines) == 1 and lines[0].startswith("train 5/5 steps loss ") and "step/s" in lines[0]
+
+
+def test_fp16_trains_with_a_loss_scaler_whose_state_resumes_exactly(tmp_path):
+    from subjectflow.config import TrainConfig
+    from subjectflow.training.loop import checkpoints, train
+
+    config = TrainConfig(steps=6, checkpoint_every=2)
+    straight = Quadratic()
+    train(straight, config, tmp_path / "a", 6, 0.1, autocast_dtype=torch.float16)
+    resumed = Quadratic()
+    train(resumed, config, tmp_path / "b", 6, 0.1, autocast_dtype=torch.float16, stop_after=3)
+    again = Quadratic()
+    train(again, config, tmp_path / "b", 6, 0.1, autocast_dtype=torch.float16)
+    assert torch.equal(straight.w, again.w) and not torch.equal(straight.w, torch.zeros(2))
+    state = torch.load(checkpoints(tmp_path / "b")[-1][1] / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # plain tensors and numbers: loads with weights_only

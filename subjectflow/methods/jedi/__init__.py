@@ -23,6 +23,7 @@ class Jedi(Method):
     shared = True
     sections = ("train", "joint", "jointsets")
     table = MODELS
+    steps_setting = "joint.steps"
 
     def enabled(self, config: Config) -> bool:
         return config.joint.enabled
@@ -45,6 +46,7 @@ class JediSfo(Jedi):
     needs = (JEDI,)
     sections = ("train", "sfo", "negatives")
     makes_negatives = True
+    steps_setting = "sfo.steps"
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return sfo_joint_id(ctx.catalog, ctx.config, ctx.base, needs[JEDI])

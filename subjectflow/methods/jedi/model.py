@@ -144,21 +144,28 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
     if config.train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
+    autocast = autocast_dtype(parts)
     if cfg.weights == "lora":
         trainable = add_lora(parts.unet, cfg.lora_rank, JEDI, config.train.seed)
     else:
-        parts.unet.requires_grad_(True)
+        # Master weights in fp32 under bf16/fp16 autocast: AdamW steps on bf16 weights
+        # mostly round away. The UNet goes back to its dtype once trained.
+        parts.unet.float().requires_grad_(True)
         trainable = list(parts.unet.parameters())
     objective = JointObjective(parts.unet, parts.noise_scheduler, latents, captions, set_captions, trainable,
                                cfg.sets_per_step, JEDI if cfg.weights == "lora" else None)
-    with coupled(parts.unet, config.jointsets.set_size):
-        result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, cfg.steps,
-                       cfg.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
-    parts.unet.eval()
-    if stop_after is not None and stop_after < cfg.steps:
-        return {"model_id": model_id, "interrupted_at": stop_after}
-    file_bytes = (lora_file_bytes(parts.unet, JEDI) if cfg.weights == "lora"
-                  else save({k: v.contiguous() for k, v in parts.unet.state_dict().items()}))
+    try:
+        with coupled(parts.unet, config.jointsets.set_size):
+            result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, cfg.steps,
+                           cfg.learning_rate, autocast, parts.unet.device, stop_after)
+        if stop_after is not None and stop_after < cfg.steps:
+            return {"model_id": model_id, "interrupted_at": stop_after}
+        file_bytes = (lora_file_bytes(parts.unet, JEDI) if cfg.weights == "lora"
+                      else save({k: v.contiguous() for k, v in parts.unet.state_dict().items()}))
+    finally:
+        parts.unet.eval()
+        if cfg.weights == "unet" and autocast is not None:
+            parts.unet.to(autocast)
     row = {"model_id": model_id, "method": JEDI, "weights": cfg.weights, "base_model": base,
            "parent_model_id": None, "params": json.dumps(joint_params(config, base), sort_keys=True),
            "inputs_hash": stable_hash(sorted({r["set_id"] for r in rows})), "steps": result.steps,

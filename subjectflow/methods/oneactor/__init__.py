@@ -139,6 +139,7 @@ class OneActor(Method):
     name = NAME
     summary = "a projector from the subject's UNet features to a class-word offset; cluster-guided sampling"
     sections = ("train", "oneactor")  # train: its resolution and seed
+    steps_setting = "oneactor.steps"
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return adapter_id(oneactor_params(ctx.config, ctx.base, subject.class_name), subject)

@@ -16,7 +16,7 @@ from ...training.adapters import add_lora, load_lora_file, lora_file_bytes
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
 from ...training.data import encode_prompt, instance_prompt
 from ...training.loop import train
-from ...training.sampling import sample_adapters
+from ...training.sampling import identified, sample_adapters
 from ...training.subjects import Subject
 from ..base import Artefacts, Context, Method
 from .negatives import make_negatives, missing, planned_negatives
@@ -66,6 +66,7 @@ class Sfo(Method):
     needs = ("sft",)
     sections = ("train", "sfo", "negatives")
     makes_negatives = True
+    steps_setting = "sfo.steps"
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         negatives = [nid for nid, _, _ in planned_negatives(subject, ctx.config, needs["sft"], ctx.base)]
@@ -88,6 +89,9 @@ class Sfo(Method):
                references: int | None = None) -> list[dict]:
         stack = [artefacts["sft"], artefacts[NAME]]  # SFO's LoRA sits on the frozen SFT one
         return sample_adapters(ctx.catalog, ctx.config, ctx.parts, ctx.base, subject, stack, prompt, n, NAME)
+
+    def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]]:
+        return identified(ctx.config, subject), [artefacts["sft"], artefacts[NAME]]
 
     def weights(self, artefacts: Artefacts) -> list[tuple[str, dict]]:
         return [("sft.safetensors", artefacts["sft"]), ("sfo.safetensors", artefacts[NAME])]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every CUDA path on one GPU in one go (under 8 minutes on an H100-class GPU): the device's
+# bf16 matmul peak, then SFT and SFO training (bench/tune.py), JeDi set completion and joint
+# training (bench/joint.py) and OneActor tuning and guided sampling (bench/oneactor.py),
+# all on SD 1.5's UNet architecture at 512 px in bf16 with random weights (nothing is
+# downloaded), then a summary of steps/s, peak GPU memory and TFLOP/s against the peak.
+#
+#   bench/gpu.sh             on the GPU
+#   bench/gpu.sh --dry-run   the same script on the CPU at tiny sizes (the test suite runs it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT_DIR:-bench/out/gpu}
+if [[ "${1:-}" == "--dry-run" ]]; then
+  ARCH=(--arch tiny --device cpu)
+  PEAK=(--device cpu --side 256 --rounds 1)
+  TUNE=(--steps 2 --warmup 1 --rounds 1)
+  JOINT=(--sample-steps 2 --train-steps 2 --warmup 1 --rounds 1 --max-refs 1)
+  ONEACTOR=(--steps 2 --warmup 1 --rounds 1 --aux-images 2)
+else
+  ARCH=(--arch sd15 --device cuda)
+  PEAK=(--device cuda)
+  TUNE=(--steps 20 --rounds 2)
+  JOINT=(--rounds 2)
+  ONEACTOR=(--steps 10 --rounds 2)
+fi
+set -x
+"$PY" bench/peak.py measure "${PEAK[@]}" --out "$OUT"
+"$PY" bench/tune.py "${ARCH[@]}" "${TUNE[@]}" --out "$OUT/tune"
+"$PY" bench/joint.py "${ARCH[@]}" "${JOINT[@]}" --out "$OUT/joint"
+"$PY" bench/oneactor.py "${ARCH[@]}" "${ONEACTOR[@]}" --out "$OUT/oneactor"
+set +x
+"$PY" bench/peak.py summary "$OUT"
