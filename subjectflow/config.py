@@ -24,8 +24,28 @@ class ConfigError(ValueError):
     """Configuration that cannot be used; the message says which key and how to fix it."""
 
 
+def added(default: Any, neutral: Any, **constraints: Any) -> Any:
+    """A setting added after artefacts were made: at `neutral` (how the code behaved
+    before it existed) it is left out of `identity()`, so ids made before it stay valid."""
+    return Field(default, json_schema_extra={"neutral": neutral}, **constraints)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def identity(self, **dump: Any) -> dict[str, Any]:
+        """The settings as artefact ids hash them: `model_dump(**dump)` without the added
+        settings that sit at their neutral value (nested sections likewise)."""
+        values = self.model_dump(**dump)
+        for name, field in type(self).model_fields.items():
+            if name not in values:
+                continue
+            value = getattr(self, name)
+            if isinstance(value, _Section):
+                values[name] = value.identity()
+            elif "neutral" in (field.json_schema_extra or {}) and value == field.json_schema_extra["neutral"]:
+                del values[name]
+        return values
 
 
 class MaskConfig(_Section):
@@ -94,6 +114,8 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
     lora_rank: int = Field(4, ge=1)
+    max_grad_norm: float = added(1.0, neutral=0.0, ge=0)  # clip the gradients' norm to this; 0 = off
+    warmup_steps: int = added(0, neutral=0, ge=0)  # linear learning-rate warm-up over the first steps
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
@@ -115,6 +137,7 @@ class SfoConfig(_Section):
     lora_rank: int = Field(16, ge=1)  # the paper's new rank-16 "SFO LoRA" on the frozen SFT one
     steps: int = Field(300, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int | None = added(4, neutral=None, ge=1)  # (photo, negative) pairs a step (paper: 4); None = train's
 
 
 class NegativesConfig(_Section):

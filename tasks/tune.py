@@ -84,7 +84,8 @@ def device_slot(config: Config) -> Iterator[Config]:
         index = _free_devices.get()
         try:
             if config.model.device == "auto" and torch.cuda.device_count():
-                config = config.model_copy(update={"model": config.model.model_copy(update={"device": f"cuda:{index}"})})
+                device = config.model.model_copy(update={"device": f"cuda:{index}"})
+                config = config.model_copy(update={"model": device})
             yield config
         finally:
             _free_devices.put(index)

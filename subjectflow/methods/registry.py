@@ -178,7 +178,8 @@ def _other_settings(ctx: Context, method: Method, subject: Subject | None) -> st
     the `--set` that would use the existing one instead (nothing when there is none)."""
     key_column = method.table.key[0]
     rows = [r for r in ctx.catalog.read(method.table.name).to_pylist()
-            if r["method"] == method.name and (method.shared or subject is None or r.get("subject_id") == subject.subject_id)]
+            if r["method"] == method.name
+            and (method.shared or subject is None or r.get("subject_id") == subject.subject_id)]
     if not rows:
         return ""
     newest = max(rows, key=lambda r: r["created_at"])
@@ -189,7 +190,8 @@ def _other_settings(ctx: Context, method: Method, subject: Subject | None) -> st
         return f" (the catalog's {method.name} {newest[key_column]} was made from other inputs)"
     shown = ", ".join(f"{k} {old} there, {new} now" for k, (old, new) in differ.items())
     keep = " ".join(f"--set {k}={json.dumps(old)}" for k, (old, _) in differ.items())
-    return f" (the catalog's {method.name} {newest[key_column]}, {_age(newest)} old, differs: {shown}; `{keep}` uses it)"
+    return (f" (the catalog's {method.name} {newest[key_column]}, {_age(newest)} old, differs: {shown}; "
+            f"`{keep}` uses it)")
 
 
 def _subject(ctx: Context, method: Method, subject: str | None) -> Subject | None:

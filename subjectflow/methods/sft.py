@@ -71,7 +71,7 @@ class SftObjective:
 
 
 def sft_params(config: Config, base: str) -> dict:
-    return {"method": NAME, "base": base, "train": config.train.model_dump(), "sft": config.sft.model_dump()}
+    return {"method": NAME, "base": base, "train": config.train.identity(), "sft": config.sft.identity()}
 
 
 def _class_images(ctx: Context, subject: Subject) -> torch.Tensor:

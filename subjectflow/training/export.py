@@ -60,7 +60,8 @@ def export_lora_policy(catalog: Catalog, method: str, base: str, trigger: str, r
 def _samples(catalog: Catalog, adapter: str, out: Path) -> list[Path]:
     rows = [r for r in catalog.read(SAMPLES.name).to_pylist() if r["adapter_id"] == adapter][:CARD_SAMPLES]
     (out / "samples").mkdir(exist_ok=True)
-    return [Path(shutil.copyfile(catalog.blob_path(r["file"]), out / "samples" / f"{i}.png")) for i, r in enumerate(rows)]
+    return [Path(shutil.copyfile(catalog.blob_path(r["file"]), out / "samples" / f"{i}.png"))
+            for i, r in enumerate(rows)]
 
 
 def _card(catalog: Catalog, method: str, base: str, trigger: str, rows: list[dict], ranks: list[int],

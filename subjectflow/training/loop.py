@@ -125,18 +125,26 @@ def train(
     accumulation = config.gradient_accumulation
     with progress(steps, "train", initial=start) as shown:
         for step in range(start, steps):
+            # Warm-up as a function of the step alone: nothing to checkpoint, resume stays exact.
+            warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate * warm
             totals: dict[str, float] = {}
             for micro in range(accumulation):
                 with autocast:
                     loss, metrics = objective.loss(step_generator(config.seed, step, micro, device))
                 if not torch.isfinite(loss):
                     kept = checkpoints(work_dir)
-                    raise TuningError(f"training diverged: loss {loss.item()} at step {step + 1} (last good checkpoint: "
-                                      f"{kept[-1][1] if kept else 'none yet'}); lower the learning rate, or train "
-                                      f"in bf16 rather than fp16")
+                    raise TuningError(f"training diverged: loss {loss.item()} at step {step + 1} (last good "
+                                      f"checkpoint: {kept[-1][1] if kept else 'none yet'}); lower the learning "
+                                      f"rate, or train in bf16 rather than fp16")
                 (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / accumulation
+            if scaler:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            if config.max_grad_norm > 0:
+                totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             if scaler:
                 scaler.step(optimizer)  # skipped when the scaled gradients overflowed
                 scaler.update()

@@ -273,7 +273,8 @@ def test_resolve_device():
         resolve_device("cpu", "fp16")
 
 
-@pytest.mark.parametrize("sample_size, vae_blocks, native", [(64, 4, 512), (96, 4, 768), (128, 4, 1024), ([64, 64], 4, 512)])
+@pytest.mark.parametrize("sample_size, vae_blocks, native",
+                         [(64, 4, 512), (96, 4, 768), (128, 4, 1024), ([64, 64], 4, 512)])
 def test_native_resolution_is_the_unets_sample_size_times_the_vae_factor(tmp_path, sample_size, vae_blocks, native):
     for part, config in (("unet", {"sample_size": sample_size}), ("vae", {"block_out_channels": [64] * vae_blocks})):
         (tmp_path / part).mkdir()

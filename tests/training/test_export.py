@@ -35,7 +35,8 @@ def test_sfo_exports_as_one_lora_equal_to_the_stacked_policy(two_subjects, tmp_p
     merged = _pipe(two_subjects)
     merged.load_lora_weights(str(weights.parent), weight_name=weights.name)
     stacked = _pipe(two_subjects)
-    sft = next(r for r in two_subjects.read("adapters").to_pylist() if r["adapter_id"] == rows.artefact["parent_adapter_id"])
+    parent = rows.artefact["parent_adapter_id"]
+    sft = next(r for r in two_subjects.read("adapters").to_pylist() if r["adapter_id"] == parent)
     for name, row in (("sft", sft), ("sfo", rows.artefact)):
         path = two_subjects.blob_path(row["file"])
         stacked.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)

@@ -124,3 +124,19 @@ def test_fp16_trains_with_a_loss_scaler_whose_state_resumes_exactly(tmp_path):
     assert torch.equal(straight.w, again.w) and not torch.equal(straight.w, torch.zeros(2))
     state = torch.load(checkpoints(tmp_path / "b")[-1][1] / "state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # plain tensors and numbers: loads with weights_only
+
+
+def test_warmup_scales_the_first_steps_and_clipping_bounds_the_gradient(tmp_path):
+    from subjectflow.config import TrainConfig
+    from subjectflow.training.loop import step_generator, train
+
+    x1 = torch.randn(2, generator=step_generator(0, 0, 0))  # the first step's target
+    warm = Quadratic()
+    train(warm, TrainConfig(steps=1, optimizer="sgd", warmup_steps=2, max_grad_norm=0.0), tmp_path / "w", 1, 0.1)
+    # SGD from w = 0: grad = -2·x1, lr 0.1 at half strength -> w = 0.1·x1
+    torch.testing.assert_close(warm.w.detach(), 0.1 * x1)
+
+    clipped = Quadratic()
+    result = train(clipped, TrainConfig(steps=1, optimizer="sgd", max_grad_norm=1e-3), tmp_path / "c", 1, 1.0)
+    assert torch.linalg.norm(clipped.w.detach()).item() == pytest.approx(1e-3, rel=1e-4)
+    assert result.history[0]["grad_norm"] == pytest.approx(torch.linalg.norm(2 * x1).item(), rel=1e-5)

@@ -41,7 +41,7 @@ def current_sets(catalog: Catalog, config: Config) -> list[dict]:
 
 def joint_params(config: Config, base: str) -> dict:
     joint = config.joint.model_dump(include={"weights", "lora_rank", "steps", "learning_rate", "sets_per_step"})
-    return {"method": JEDI, "base": base, "joint": joint, "train": config.train.model_dump()}
+    return {"method": JEDI, "base": base, "joint": joint, "train": config.train.identity()}
 
 
 def joint_model_id(catalog: Catalog, config: Config, base: str) -> str:

@@ -25,8 +25,8 @@ SFO_JOINT = "sfo-joint"
 
 
 def sfo_joint_params(config: Config, base: str, parent: str) -> dict:
-    return {"method": SFO_JOINT, "base": base, "parent": parent, "sfo": config.sfo.model_dump(),
-            "negatives": config.negatives.model_dump(), "train": config.train.model_dump()}
+    return {"method": SFO_JOINT, "base": base, "parent": parent, "sfo": config.sfo.identity(),
+            "negatives": config.negatives.identity(), "train": config.train.identity()}
 
 
 def sfo_joint_id(catalog: Catalog, config: Config, base: str, joint_model_id: str) -> str:
@@ -67,7 +67,7 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
         objective = SfoObjective(parts.unet, parts.noise_scheduler, file_latents(parts, catalog, positives, resolution),
                                  file_latents(parts, catalog, negatives, resolution),
                                  torch.stack([embeds[c] for c in captions]).to(parts.unet.device), trainable,
-                                 config.sfo.beta, config.train.batch_size, reference=JEDI, adapter_name=SFO_ADAPTER,
+                                 config.sfo.beta, config.sfo.batch_size or config.train.batch_size, reference=JEDI, adapter_name=SFO_ADAPTER,
                                  context_latents=file_latents(parts, catalog, contexts, resolution))
         with coupled(parts.unet, 2):
             result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, config.sfo.steps,

@@ -43,9 +43,10 @@ TARGET_FEATURES = "photo latent noised to the last cluster step, class prompt"
 
 def oneactor_params(config: Config, base: str, class_name: str) -> dict:
     """What shapes the projector; the guidance settings only shape samples (`sampling_settings`)."""
-    tuning = config.oneactor.model_dump(exclude={"preset", "guided_steps", "batch_stats"})
+    tuning = config.oneactor.identity(exclude={"preset", "guided_steps", "batch_stats"})
     return {"method": NAME, "base": base, "resolution": config.train.resolution, "seed": config.train.seed,
-            "gradient_accumulation": config.train.gradient_accumulation, "oneactor": tuning,
+            "gradient_accumulation": config.train.gradient_accumulation,
+            **config.train.identity(include={"max_grad_norm", "warmup_steps"}), "oneactor": tuning,
             "cluster": cluster_id(config, base, class_name), "target_features": TARGET_FEATURES}
 
 

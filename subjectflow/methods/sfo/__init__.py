@@ -26,8 +26,8 @@ NAME = "sfo"
 
 
 def sfo_params(config: Config, base: str, sft_adapter_id: str) -> dict:
-    return {"method": NAME, "base": base, "train": config.train.model_dump(), "sfo": config.sfo.model_dump(),
-            "negatives": config.negatives.model_dump(), "parent": sft_adapter_id}
+    return {"method": NAME, "base": base, "train": config.train.identity(), "sfo": config.sfo.identity(),
+            "negatives": config.negatives.identity(), "parent": sft_adapter_id}
 
 
 def train_sfo(ctx: Context, subject: Subject, sft_adapter: dict, negatives: list[dict],
@@ -46,7 +46,7 @@ def train_sfo(ctx: Context, subject: Subject, sft_adapter: dict, negatives: list
     trainable = add_lora(parts.unet, config.sfo.lora_rank, NAME, config.train.seed)
     try:
         objective = SfoObjective(parts.unet, parts.noise_scheduler, positives, negative_latents, embeds, trainable,
-                                 config.sfo.beta, config.train.batch_size)
+                                 config.sfo.beta, config.sfo.batch_size or config.train.batch_size)
         result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.sfo.steps,
                        config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
         if stop_after is not None and stop_after < config.sfo.steps:
