@@ -21,6 +21,7 @@ from ..catalog.store import utcnow
 from ..config import Config, stable_hash
 from ..methods import registry
 from ..methods.base import Artefacts, Context
+from ..progress import progress
 from ..training.subjects import Subject, load_subjects
 from .dreambench import read_prompt_file
 from .metrics import MaskFn, score_subject
@@ -107,9 +108,11 @@ def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, mask_fn: MaskFn) -
     generated: dict[str, list[Image.Image]] = {}
     ctx.say(f"{subject.name}/{job.method}: {len(prompts.prompts)} prompts x {n} images")
     method = registry.get(job.method)
-    for template in prompts.prompts:
-        rows = method.sample(sampler, subject, job.artefacts, template, n)
-        generated[template] = [Image.open(catalog.blob_path(r["file"])).convert("RGB") for r in rows]
+    with progress(len(prompts.prompts), f"evaluate {subject.name}/{job.method}", unit="prompt") as shown:
+        for template in prompts.prompts:
+            rows = method.sample(sampler, subject, job.artefacts, template, n)
+            generated[template] = [Image.open(catalog.blob_path(r["file"])).convert("RGB") for r in rows]
+            shown.update(1)
     references = [Image.open(catalog.blob_path(r["normalised_file"])).convert("RGB") for r in subject.images]
     masks = [Image.open(catalog.blob_path(r["mask_file"])).convert("L") for r in subject.images]
     scores = score_subject(generated, references, masks, subject.class_name, scorers, mask_fn)

@@ -25,7 +25,7 @@ def _cli(catalog, config, *args):
     return main([*args, "--catalog", str(catalog.root)])
 
 
-def test_oneactor_tunes_generates_evaluates_and_exports_through_the_cli(tmp_path, capfd):
+def test_oneactor_tunes_generates_evaluates_and_exports_through_the_cli(tmp_path, capfd, caplog):
     catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=2)
     config = tiny_config(oneactor=ONEACTOR, evaluate={"prompts": 1, "images_per_prompt": 2, "methods": ["oneactor"]})
     cli = lambda *args: _cli(catalog, config, *args)  # noqa: E731
@@ -39,6 +39,7 @@ def test_oneactor_tunes_generates_evaluates_and_exports_through_the_cli(tmp_path
     assert catalog.read("clusters").to_pylist()[0]["class_name"] == "vase"
     assert cli("generate", "--method", "oneactor", "--subject", "vase", "--n", "1") == 0
     assert cli("evaluate") == 0
+    assert "evaluate vase/oneactor 1/1 prompts" in caplog.text  # progress without a terminal, in the run's logs
     metrics = catalog.read("metrics").to_pylist()
     assert metrics and {m["method"] for m in metrics} == {"oneactor"}
     assert cli("export", "--method", "oneactor", "--subject", "vase", "--out", str(tmp_path / "export")) == 0
