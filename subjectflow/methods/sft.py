@@ -18,7 +18,7 @@ from ..catalog.schemas import ADAPTERS
 from ..config import Config
 from ..training.adapters import adapter_state, add_lora, load_adapter_state, lora_file_bytes
 from ..training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
-from ..training.data import encode_latents, encode_prompt, instance_prompt
+from ..training.data import class_prompt, encode_latents, encode_prompt, instance_prompt
 from ..training.diffusion import Metrics, denoising_loss, denoising_target, pick, unet_eps
 from ..training.loop import train
 from ..training.sampling import identified, sample_adapters, sampling_pipeline
@@ -79,7 +79,7 @@ def _class_images(ctx: Context, subject: Subject) -> torch.Tensor:
     config, parts = ctx.config, ctx.parts
     generator = torch.Generator("cpu").manual_seed(config.train.seed)
     images = sampling_pipeline(parts)(
-        f"a photo of {subject.class_name}", num_images_per_prompt=config.sft.class_images,
+        class_prompt(subject.class_name), num_images_per_prompt=config.sft.class_images,
         height=config.train.resolution, width=config.train.resolution, num_inference_steps=20,
         generator=generator, output_type="pt").images
     return encode_latents(parts.vae, images * 2 - 1).to(parts.unet.device)
@@ -95,7 +95,7 @@ def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> 
     class_latents = class_embeds = None
     if config.sft.prior_preservation:
         class_latents = _class_images(ctx, subject)
-        class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, f"a photo of {subject.class_name}")
+        class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
     prepare_unet(parts, config.train)
     trainable = add_lora(parts.unet, config.train.lora_rank, NAME, config.train.seed)
     try:

@@ -22,6 +22,15 @@ def class_prompt(class_name: str) -> str:
     return f"a photo of {class_name}"
 
 
+@torch.no_grad()
+def decode_image(vae, latents: torch.Tensor) -> Image.Image:
+    """The first of `latents` [N, C, h, w] (scaled, as sampling leaves them) as an RGB image."""
+    dtype = next(vae.parameters()).dtype
+    image = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+    array = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, "RGB")
+
+
 def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """[3, R, R] in [-1, 1], the VAE's input range."""
     image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)

@@ -104,7 +104,7 @@ def test_zero_offsets_without_the_average_term_are_plain_cfg_exactly(tiny):
     guided = sample(parts.unet, DDIMScheduler.from_config(parts.noise_scheduler.config), parts.vae,
                     _embeds(parts, prompt), _embeds(parts, ""), torch.zeros(width), torch.randn(width),
                     class_token_positions(parts.tokenizer, prompt, "mug"), settings, steps=4,
-                    generator=torch.Generator().manual_seed(3), height=32, width=32, output_type="latent")
+                    generator=torch.Generator().manual_seed(3), height=32, width=32)
     assert torch.equal(guided, plain)
 
 
@@ -117,7 +117,7 @@ def test_guidance_covers_the_first_steps_and_plain_cfg_the_rest(tiny):
         sample(parts.unet, DDIMScheduler.from_config(parts.noise_scheduler.config), parts.vae,
                _embeds(parts, "a mug"), _embeds(parts, ""), torch.randn(width), torch.randn(width),
                class_token_positions(parts.tokenizer, "a mug", "mug"), PRESETS["paper"], steps=30,
-               generator=torch.Generator().manual_seed(0), height=32, width=32, output_type="latent")
+               generator=torch.Generator().manual_seed(0), height=32, width=32)
     finally:
         hook.remove()
     # Steps 0..19 (the 20th is index 19) take [uncond, target, average]; from index 20 [uncond, cond].

@@ -15,7 +15,7 @@ from ...config import Config
 from ...ingest.photo import encode_png
 from ...models.loading import ModelParts
 from ...training.adapters import load_lora_file
-from ...training.data import encode_latents, encode_prompt, image_tensor
+from ...training.data import decode_image, encode_latents, encode_prompt, image_tensor
 from ...training.sampling import record_samples, sample_row, subject_prompt
 from ...training.subjects import Subject, TuningError
 from ..sfo.negatives import Planned, missing, negative_row, planned_negatives, record_negatives
@@ -56,10 +56,7 @@ def complete(parts: ModelParts, reference_images: list[Image.Image], reference_c
         caption.expand(len(reference_images), -1, -1), encode_prompt(parts.tokenizer, parts.text_encoder, prompt),
         encode_prompt(parts.tokenizer, parts.text_encoder, ""), 1, completion.steps, completion.image_guidance,
         completion.text_guidance, completion.reference_mode, torch.Generator("cpu").manual_seed(completion.seed))
-    vae_dtype = next(parts.vae.parameters()).dtype
-    image = parts.vae.decode(latents.to(vae_dtype) / parts.vae.config.scaling_factor).sample
-    array = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGB")
+    return decode_image(parts.vae, latents)
 
 
 def reference_caption(subject: Subject) -> str:

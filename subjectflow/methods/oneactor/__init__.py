@@ -18,21 +18,19 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config
 from ...ingest.photo import encode_png
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
-from ...training.data import encode_prompt
+from ...training.data import class_prompt, decode_image, encode_prompt
 from ...training.loop import train
 from ...training.sampling import record_samples, sample_row, subject_prompt
 from ...training.subjects import Subject
 from ..base import Artefacts, Context, Method
-from .clusters import auxiliary_cluster, class_prompt, cluster_id, sampling_scheduler
+from .clusters import auxiliary_cluster, cluster_id, sampling_scheduler
 from .math import (PRESETS, GuidanceSettings, OneActorObjective, Projector, class_token_positions, last_step_features,
                    last_timestep, load_projector, projector_bytes, template_embeddings)
 from .math import sample as guided_sample
@@ -103,10 +101,6 @@ def train_oneactor(ctx: Context, subject: Subject, stop_after: int | None = None
     return record_trained(catalog, ADAPTERS, "adapters", row, result.history, weights)
 
 
-def _to_image(pixels: torch.Tensor) -> Image.Image:
-    return Image.fromarray((pixels.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-
-
 @torch.no_grad()
 def sample_oneactor(ctx: Context, subject: Subject, row: dict, prompt: str, n: int) -> list[dict]:
     """n cluster-guided images of `prompt`, the subject named by its class noun alone: the
@@ -127,10 +121,10 @@ def sample_oneactor(ctx: Context, subject: Subject, row: dict, prompt: str, n: i
     rows = []
     for i in range(n):
         seed = cfg.seed + i
-        images = guided_sample(unet, scheduler, parts.vae, cond, uncond, delta_target, delta_average, positions,
+        latents = guided_sample(unet, scheduler, parts.vae, cond, uncond, delta_target, delta_average, positions,
                                settings, steps=cfg.steps, generator=torch.Generator("cpu").manual_seed(seed),
                         height=cfg.resolution, width=cfg.resolution)
-        rows.append(sample_row(ctx.catalog, encode_png(_to_image(images[0])), subject_id=subject.subject_id,
+        rows.append(sample_row(ctx.catalog, encode_png(decode_image(parts.vae, latents)), subject_id=subject.subject_id,
                                adapter_id=row["adapter_id"], method=NAME, prompt=text, seed=seed, steps=cfg.steps,
                                guidance=cfg.guidance, resolution=cfg.resolution, base_model=ctx.base, params=recorded))
     return record_samples(ctx.catalog, rows)

@@ -15,13 +15,9 @@ from ...catalog.schemas import CLUSTERS
 from ...catalog.store import utcnow
 from ...config import Config, stable_hash
 from ...training.artefacts import find_row
-from ...training.data import encode_prompt
+from ...training.data import class_prompt, encode_prompt
 from ..base import Context
 from .math import sample_with_features
-
-
-def class_prompt(class_name: str) -> str:
-    return f"a photo of {class_name}"
 
 
 def cluster_params(config: Config, base: str, class_name: str) -> dict:
@@ -64,7 +60,7 @@ def _make_cluster(ctx: Context, class_name: str, key: str) -> dict:
         parts.unet, sampling_scheduler(ctx), parts.vae, class_embeds, uncond_embeds, params["images"],
         steps=params["steps"], guidance=params["guidance"],
         generator=torch.Generator("cpu").manual_seed(params["seed"]),
-        height=params["resolution"], width=params["resolution"], output_type="latent")
+        height=params["resolution"], width=params["resolution"])
     data = safetensors.torch.save({"latents": latents.float().cpu().contiguous(),
                                    "features": features.float().cpu().contiguous()})
     row = {"cluster_id": key, "base_model": ctx.base, "class_name": class_name, "images": params["images"],

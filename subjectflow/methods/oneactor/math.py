@@ -266,22 +266,13 @@ def _initial_latents(unet, vae, n: int, height: int | None, width: int | None, g
     return randn_tensor(shape, generator=generator, device=unet.device, dtype=dtype)
 
 
-def _finish(vae, latents: torch.Tensor, output_type: str) -> torch.Tensor:
-    if output_type == "latent":
-        return latents
-    if output_type != "pt":
-        raise ValueError(f"output_type {output_type!r} is not 'pt' (images in [0, 1]) or 'latent'")
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return (images / 2 + 0.5).clamp(0, 1).float()
-
-
 @torch.no_grad()
 def sample(unet, scheduler, vae, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
            delta_target: torch.Tensor, delta_average: torch.Tensor, positions: Sequence[int],
            settings: GuidanceSettings, steps: int = 30, generator: torch.Generator | None = None,
            height: int | None = None, width: int | None = None, num_images: int = 1,
-           latents: torch.Tensor | None = None, output_type: str = "pt") -> torch.Tensor:
-    """Cluster-guided images [N, 3, H, W] in [0, 1] (or latents [N, C, h, w]).
+           latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Cluster-guided latents [N, C, h, w] (decode with training.data.decode_image).
 
     cond/uncond_embeds [1, L, D] (uncond = the negative prompt's, or ""'s); delta_* [D] or
     [1, D]; `positions` = class_token_positions(...) of the prompt. Steps
@@ -303,17 +294,17 @@ def sample(unet, scheduler, vae, cond_embeds: torch.Tensor, uncond_embeds: torch
         e_uncond, e_cond = _unet(unet, scheduler, x, t, plain).chunk(2)
         return e_uncond + settings.guidance * (e_cond - e_uncond)
 
-    return _finish(vae, _denoise(scheduler, latents, steps, generator, model_output), output_type)
+    return _denoise(scheduler, latents, steps, generator, model_output)
 
 
 @torch.no_grad()
 def sample_with_features(unet, scheduler, vae, class_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
                          num_images: int, steps: int = 30, guidance: float = 7.5,
                          generator: torch.Generator | None = None, height: int | None = None,
-                         width: int | None = None, output_type: str = "pt") -> tuple[torch.Tensor, torch.Tensor]:
+                         width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The auxiliary cluster: plain-CFG base-model samples of the class prompt
     (class_embeds [1, L, D]) and, as the release records it, the conditional half's
-    mid-block input at the last denoising step: (images [N, 3, H, W] or latents, h [N, C, S, S])."""
+    mid-block input at the last denoising step: (latents [N, C, h, w], h [N, C', S, S])."""
     latents = _initial_latents(unet, vae, num_images, height, width, generator, class_embeds.dtype)
     embeds = torch.cat([uncond_embeds, class_embeds]).repeat_interleave(num_images, dim=0)
     features: list[torch.Tensor] = []
@@ -325,8 +316,7 @@ def sample_with_features(unet, scheduler, vae, class_embeds: torch.Tensor, uncon
             features.append(captured[-1][num_images:])
         return e_uncond + guidance * (e_cond - e_uncond)
 
-    latents = _denoise(scheduler, latents, steps, generator, model_output)
-    return _finish(vae, latents, output_type), features[-1]
+    return _denoise(scheduler, latents, steps, generator, model_output), features[-1]
 
 
 def last_timestep(scheduler, steps: int) -> int:
