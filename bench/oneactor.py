@@ -37,34 +37,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 
 from subjectflow.config import OneActorConfig, TrainConfig
 from subjectflow.methods.oneactor.math import PRESETS, OneActorObjective, Projector, mid_block_input, sample
 from subjectflow.methods.sft import SftObjective
-from subjectflow.models.loading import resolve_device
-from subjectflow.models.tiny import build_pipeline
 from subjectflow.training.adapters import add_lora, freeze_all_but
 from subjectflow.training.loop import train
-from tune import SD15_UNET  # bench/tune.py: run as a script, bench/ is on sys.path
+from tune import build_unet, model_arguments, resolve_model_arguments  # bench/ is on sys.path
 
 PHOTOS, TEMPLATES, POSITIONS, SAMPLING_STEPS = 4, 8, [5], 30
-
-
-def build(args):
-    device, dtype = resolve_device(args.device, args.precision)
-    if args.arch == "tiny":
-        pipe = build_pipeline(seed=0)
-        unet, factor = pipe.unet, pipe.vae_scale_factor
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            unet = UNet2DConditionModel(**SD15_UNET)
-        factor = 8
-    unet = unet.to(device, dtype).eval()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False)
-    return unet, scheduler, device, dtype, args.resolution // factor
 
 
 def sync(device: torch.device) -> None:
@@ -107,14 +89,15 @@ def time_sampling(unet, embeds, width, settings, args, device) -> float:
     sync(device)
     start = time.perf_counter()
     sample(unet, scheduler, None, cond, uncond, delta, delta, POSITIONS, settings, steps=SAMPLING_STEPS,
-           latents=latents, output_type="latent")
+           latents=latents)
     sync(device)
     return time.perf_counter() - start
 
 
 def main() -> None:
     args = parse_args()
-    unet, scheduler, device, dtype, args.latent = build(args)
+    unet, scheduler, device, dtype, factor = build_unet(args)
+    args.latent = args.resolution // factor
     autocast = None if dtype == torch.float32 else dtype
     width = unet.config.cross_attention_dim
     g = torch.Generator().manual_seed(0)
@@ -134,7 +117,6 @@ def main() -> None:
     cluster_s = args.aux_images * per_image * args.cluster_steps / SAMPLING_STEPS
 
     projector = Projector.for_unet(unet, width, sample_size=args.latent).to(device)
-    unet.requires_grad_(False)
     oneactor = OneActorObjective(unet, scheduler, projector, photos, target_h, aux, aux_h, embeds,
                                  [POSITIONS] * TEMPLATES)
     lora = add_lora(unet, args.rank, "sft", seed=0)
@@ -185,10 +167,7 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny", help="UNet (default tiny)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 on cpu, bf16 on cuda")
-    p.add_argument("--resolution", type=int, help="pixels (default 64 tiny, 512 sd15)")
+    model_arguments(p)
     p.add_argument("--steps", type=int, default=10, help="timed training steps per row and round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2, >= 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row keeps its best (default 3)")
@@ -197,8 +176,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cluster-steps", type=int, default=OneActorConfig().cluster_steps, help="its sampling steps")
     p.add_argument("--out", type=Path, default=Path("bench/out/oneactor"), help="scratch and results.json")
     args = p.parse_args()
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    resolve_model_arguments(args)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         p.error("need --warmup >= 1, --steps >= 1 and --rounds >= 1")
     return args

@@ -95,7 +95,21 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-def build(args: argparse.Namespace) -> Bench:
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """--arch/--device/--precision/--resolution, as every model bench takes them."""
+    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny", help="UNet (default tiny)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 on cpu, bf16 on cuda")
+    p.add_argument("--resolution", type=int, help="pixels (default 64 tiny, 512 sd15)")
+
+
+def resolve_model_arguments(args: argparse.Namespace) -> None:
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+
+
+def build_unet(args: argparse.Namespace) -> tuple[UNet2DConditionModel, DDPMScheduler, torch.device, torch.dtype, int]:
+    """(frozen UNet in eval mode on the device, training scheduler, device, dtype, VAE factor)."""
     device, dtype = resolve_device(args.device, args.precision)
     if args.arch == "tiny":
         pipe = build_pipeline(seed=0)
@@ -109,6 +123,11 @@ def build(args: argparse.Namespace) -> Bench:
         factor = 8
     unet = unet.to(device, dtype).eval()  # as load_components leaves it (from_pretrained -> eval)
     unet.requires_grad_(False)
+    return unet, scheduler, device, dtype, factor
+
+
+def build(args: argparse.Namespace) -> Bench:
+    unet, scheduler, device, dtype, factor = build_unet(args)
     sft = add_lora(unet, args.rank_sft, "sft", seed=0)
     sfo = add_lora(unet, args.rank_sfo, "sfo", seed=1)
     g, side = torch.Generator().manual_seed(0), args.resolution // factor
@@ -309,10 +328,7 @@ def report(b: Bench, best: dict[str, dict], flops: dict[str, int]) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny", help="UNet (default tiny)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 on cpu, bf16 on cuda")
-    p.add_argument("--resolution", type=int, help="pixels (default 64 tiny, 512 sd15)")
+    model_arguments(p)
     p.add_argument("--steps", type=int, help="timed steps per row and round (default 30 tiny, 20 sd15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3, >= 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row keeps its best (default 3)")
@@ -321,8 +337,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank-sfo", type=int, default=SfoConfig().lora_rank, help="SFO LoRA rank (default 16)")
     p.add_argument("--out", type=Path, default=Path("bench/out/tune"), help="scratch and results.json")
     args = p.parse_args()
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    resolve_model_arguments(args)
     args.steps = args.steps or (30 if args.arch == "tiny" else 20)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1 or args.batch_size > PHOTOS:
         p.error(f"need --warmup >= 1, --steps >= 1, --rounds >= 1 and --batch-size <= {PHOTOS}")
