@@ -5,12 +5,16 @@ All rows share one UNet, one set of inputs and the same LoRAs ("sft" rank --rank
   bare SFT      written here, diffusers-style: noise, uniform t, add_noise, UNet, MSE,
                 backward, AdamW step, zero_grad. Nothing else.
   pipeline SFT  subjectflow.training.loop.train(SftObjective(...)), as train_sft runs it.
-  bare SFO      no-grad reference pass (SFT adapter only), policy pass (SFT + SFO) on the
-                stacked positive/negative batch, DPO-style loss, backward, step.
-  pipeline SFO  loop.train(SfoObjective(...)), as train_sfo runs it.
+  switching SFO no-grad reference pass (SFT adapter only), policy pass (SFT + SFO) on the
+                stacked positive/negative batch, DPO-style loss, backward, step: the
+                adapters are switched twice a step and the SFT LoRA runs in both passes.
+  bare SFO      the same with the SFT LoRA fused into the base weights first, as train_sfo
+                does (training.adapters.fused): reference = adapters disabled, policy = SFO.
+  pipeline SFO  loop.train(SfoObjective(...)) on the fused UNet, as train_sfo runs it.
 "paired" = the median over rounds of pipeline steps/s / bare steps/s in the same round (the
 two run next to each other): the overhead ratio, target >= 0.95. "vs bare" = best against
-best, which a drift in machine speed (common on shared VMs) can skew either way.
+best, which a drift in machine speed (common on shared VMs) can skew either way. "fused"
+= the median over rounds of bare SFO / switching SFO: what fusing the reference saves.
 
 Models: tiny = the project's build_pipeline(seed=0) UNet, 64 px -> 32x32 latents; sd15 =
 SD 1.5's UNet architecture, random weights (speed does not depend on them; nothing is
@@ -45,7 +49,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import diffusers
 import torch
@@ -57,7 +61,7 @@ from subjectflow.methods.sfo.objective import SfoObjective
 from subjectflow.methods.sft import SftObjective
 from subjectflow.models.loading import resolve_device
 from subjectflow.models.tiny import build_pipeline
-from subjectflow.training.adapters import add_lora, freeze_all_but
+from subjectflow.training.adapters import adapter_state, add_lora, freeze_all_but, fused, load_adapter_state
 from subjectflow.training.loop import train
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts that shape compute
@@ -65,7 +69,8 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, the parts 
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-ROWS = ("bare SFT", "pipeline SFT", "bare SFO", "pipeline SFO")
+ROWS = ("bare SFT", "pipeline SFT", "switching SFO", "bare SFO", "pipeline SFO")
+FUSED_ROWS = ("bare SFO", "pipeline SFO")  # run with the SFT LoRA fused into the base
 LR, BETA, PHOTOS = 1e-4, 1000.0, 4
 QUIET = 0.2  # CPU cores other processes may use during a row before its timing counts as under load
 
@@ -150,7 +155,7 @@ def bare_sft_step(b: Bench, opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def bare_sfo_step(b: Bench, opt: torch.optim.Optimizer) -> None:
+def sfo_step(b: Bench, opt: torch.optim.Optimizer, reference_pass: Callable, policy_pass: Callable) -> None:
     n, unet = b.args.batch_size, b.unet
     noise = torch.randn_like(b.latents[:n]).repeat(2, 1, 1, 1)  # same eps and t within a pair
     last_t = b.scheduler.config.num_train_timesteps - 1
@@ -158,12 +163,10 @@ def bare_sfo_step(b: Bench, opt: torch.optim.Optimizer) -> None:
     noisy = b.scheduler.add_noise(torch.cat([b.latents[:n], b.negatives[:n]]), noise, t).to(b.dtype)
     states = b.embeds.expand(2 * n, -1, -1).to(b.dtype)
     with b.cast():
-        unet.set_adapters(["sft"])
+        reference_pass()
         with torch.no_grad():
             ref = unet(noisy, t, encoder_hidden_states=states).sample.float()
-        unet.set_adapters(["sft", "sfo"])
-        for p in b.sft:  # set_adapters makes every active adapter trainable; the reference stays frozen
-            p.requires_grad_(False)
+        policy_pass()
         policy = unet(noisy, t, encoder_hidden_states=states).sample.float()
     err_pol, err_ref = (((x - noise) ** 2).flatten(1).mean(1).chunk(2) for x in (policy, ref))
     diff = (err_pol[0] - err_pol[1]) - (err_ref[0] - err_ref[1])
@@ -172,7 +175,20 @@ def bare_sfo_step(b: Bench, opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-BARE = {"SFT": bare_sft_step, "SFO": bare_sfo_step}
+def switching_sfo_step(b: Bench, opt: torch.optim.Optimizer) -> None:
+    def policy() -> None:
+        b.unet.set_adapters(["sft", "sfo"])
+        for p in b.sft:  # set_adapters makes every active adapter trainable; the reference stays frozen
+            p.requires_grad_(False)
+
+    sfo_step(b, opt, lambda: b.unet.set_adapters(["sft"]), policy)
+
+
+def fused_sfo_step(b: Bench, opt: torch.optim.Optimizer) -> None:
+    sfo_step(b, opt, b.unet.disable_adapters, b.unet.enable_adapters)
+
+
+BARE = {"bare SFT": bare_sft_step, "switching SFO": switching_sfo_step, "bare SFO": fused_sfo_step}
 
 
 def time_bare(b: Bench, step: Callable, params: list) -> float:
@@ -250,41 +266,65 @@ def other_cores(before: tuple[float, float], wall: float) -> float:
     return ((after[0] - before[0]) - (after[1] - before[1])) / wall
 
 
-def prepare(b: Bench, method: str) -> list[torch.nn.Parameter]:
+@contextlib.contextmanager
+def reference_fused(b: Bench, row: str) -> Iterator[None]:
+    """For FUSED_ROWS, the SFT LoRA fused into the base as train_sfo has it; put back as an
+    adapter afterwards for the other rows."""
+    if row not in FUSED_ROWS:
+        yield
+        return
+    state = adapter_state(b.unet, "sft")
+    with fused(b.unet, "sft"):
+        yield
+    b.sft = add_lora(b.unet, b.args.rank_sft, "sft", seed=0)
+    load_adapter_state(b.unet, state, "sft")
+
+
+def prepare(b: Bench, row: str) -> list[torch.nn.Parameter]:
     """Active adapters and trainable parameters as the method's run has them (untimed)."""
-    b.unet.set_adapters(["sft"] if method == "SFT" else ["sft", "sfo"])
+    method = row.split()[1]
+    b.unet.set_adapters(["sft"] if method == "SFT" else ["sfo"] if row in FUSED_ROWS else ["sft", "sfo"])
     freeze_all_but(b.unet, method.lower())
     return b.sft if method == "SFT" else b.sfo
 
 
 def run_row(b: Bench, row: str, work: Path) -> dict:
-    kind, method = row.split()
-    params = prepare(b, method)
-    base, t0, cpu0 = memory_start(b), time.perf_counter(), cpu_seconds()
-    if kind == "bare":
-        rate, checkpoint = time_bare(b, BARE[method], params), None
-    else:
-        rate, checkpoint = time_pipeline(b, method, work)
-    peak = memory_peak(b)
+    with reference_fused(b, row):
+        params = prepare(b, row)
+        base, t0, cpu0 = memory_start(b), time.perf_counter(), cpu_seconds()
+        if row in BARE:
+            rate, checkpoint = time_bare(b, BARE[row], params), None
+        else:
+            rate, checkpoint = time_pipeline(b, row.split()[1], work)
+        peak = memory_peak(b)
     return {"steps_per_s": rate, "peak_mib": peak / 2**20, "above_start_mib": (peak - base) / 2**20,
             "final_checkpoint_s": checkpoint, "other_cores": other_cores(cpu0, time.perf_counter() - t0)}
 
 
-def count_flops(b: Bench, method: str) -> int:
-    """FLOPs of one bare training step (the pipeline runs the same UNet passes)."""
+def count_flops(b: Bench, row: str) -> int:
+    """FLOPs of one training step of a bare row (its pipeline row runs the same UNet passes)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    params = prepare(b, method)
-    opt = torch.optim.AdamW(params, lr=LR)
-    math = sdpa_kernel(SDPBackend.MATH) if b.device.type == "cpu" else contextlib.nullcontext()
-    with math, FlopCounterMode(display=False) as counter:
-        BARE[method](b, opt)
+    with reference_fused(b, row):
+        opt = torch.optim.AdamW(prepare(b, row), lr=LR)
+        math = sdpa_kernel(SDPBackend.MATH) if b.device.type == "cpu" else contextlib.nullcontext()
+        with math, FlopCounterMode(display=False) as counter:
+            BARE[row](b, opt)
     return counter.get_total_flops()
 
 
+def paired(runs: dict[str, list[dict]], row: str, baseline: str) -> float:
+    """Median over rounds of row's steps/s over baseline's in the same round (quiet rounds
+    only, unless none was)."""
+    pairs = [(p["steps_per_s"] / q["steps_per_s"], max(p["other_cores"], q["other_cores"]) < QUIET)
+             for p, q in zip(runs[row], runs[baseline])]
+    return statistics.median([ratio for ratio, ok in pairs if ok] or [ratio for ratio, _ in pairs])
+
+
 def measure(b: Bench, out: Path) -> dict[str, dict]:
-    """Each row's fastest round (peak memory: its largest), every round's figures, and "paired"."""
+    """Each row's fastest round (peak memory: its largest), every round's figures, "paired"
+    and "fused"."""
     runs: dict[str, list[dict]] = {row: [] for row in ROWS}
     for r in range(b.args.rounds):
         for row in ROWS if r % 2 == 0 else ROWS[::-1]:
@@ -295,10 +335,8 @@ def measure(b: Bench, out: Path) -> dict[str, dict]:
                   "rounds": [x["steps_per_s"] for x in rs], "rounds_other_cores": [x["other_cores"] for x in rs]}
             for row, rs in runs.items()}
     for method in ("SFT", "SFO"):
-        pairs = [(p["steps_per_s"] / q["steps_per_s"], max(p["other_cores"], q["other_cores"]) < QUIET)
-                 for p, q in zip(runs[f"pipeline {method}"], runs[f"bare {method}"])]
-        quiet = [ratio for ratio, ok in pairs if ok] or [ratio for ratio, _ in pairs]  # loaded rounds only if all are
-        best[f"pipeline {method}"]["paired"] = statistics.median(quiet)
+        best[f"pipeline {method}"]["paired"] = paired(runs, f"pipeline {method}", f"bare {method}")
+    best["bare SFO"]["fused"] = paired(runs, "bare SFO", "switching SFO")
     return best
 
 
@@ -313,7 +351,7 @@ def report(b: Bench, best: dict[str, dict], flops: dict[str, int]) -> None:
         r, method = best[row], row.split()[1]
         bare = best[f"bare {method}"]["steps_per_s"]
         r["vs_bare"] = r["steps_per_s"] / bare if row.startswith("pipeline") else None
-        r["tflop_per_s"] = flops[method] * r["steps_per_s"] / 1e12
+        r["tflop_per_s"] = flops.get(row, flops[f"bare {method}"]) * r["steps_per_s"] / 1e12
         ratios = f"{r['vs_bare']:9.3f}{r['paired']:8.3f}" if r["vs_bare"] else f"{'-':>9}{'-':>8}"
         print(f"{row:<14}{r['steps_per_s']:9.3f}{1e3 / r['steps_per_s']:9.1f}{r['peak_mib']:10.0f}"
               f"{r['above_start_mib']:7.0f}{ratios}{r['tflop_per_s']:9.4f}")
@@ -321,7 +359,10 @@ def report(b: Bench, best: dict[str, dict], flops: dict[str, int]) -> None:
         p = best[f"pipeline {method}"]
         verdict = "ok" if p["paired"] >= 0.95 else "BELOW TARGET"
         print(f"{method}: pipeline/bare {p['paired']:.3f} paired (target >= 0.95: {verdict}), {p['vs_bare']:.3f} best/"
-              f"best; {flops[method] / 1e9:.2f} GFLOP/step; final checkpoint (untimed) {p['final_checkpoint_s']:.3f} s")
+              f"best; {flops[f'bare {method}'] / 1e9:.2f} GFLOP/step; final checkpoint (untimed) "
+              f"{p['final_checkpoint_s']:.3f} s")
+    print(f"SFO with the SFT LoRA fused: {best['bare SFO']['fused']:.3f}x the adapter-switching step's steps/s "
+          f"(paired), {flops['bare SFO'] / flops['switching SFO']:.3f}x its FLOPs")
     print("memory: " + ("torch.cuda.max_memory_allocated" if b.device.type == "cuda" else
                         "process RSS high-water mark (VmHWM), reset per row; +MiB above the row's start"))
 
@@ -351,7 +392,7 @@ def main() -> None:
     name = (torch.cuda.get_device_name(b.device) if b.device.type == "cuda"
             else f"cpu: {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads")
     print(f"{name}; torch {torch.__version__}, diffusers {diffusers.__version__}")
-    flops = {m: count_flops(b, m) for m in ("SFT", "SFO")}
+    flops = {row: count_flops(b, row) for row in BARE}
     best = measure(b, args.out)
     report(b, best, flops)
     wall = time.perf_counter() - t0

@@ -6,13 +6,16 @@ adapter from the catalog works in any plain diffusers script.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 # Attention projections, as in diffusers' train_dreambooth_lora.py.
@@ -30,6 +33,18 @@ def add_lora(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
+
+
+@contextlib.contextmanager
+def trained_adapter(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int
+                    ) -> Iterator[list[torch.nn.Parameter]]:
+    """A fresh trainable LoRA for the block, deleted after whatever happens: the UNet is
+    resident across tasks and the next one must find it as it was."""
+    params = add_lora(unet, rank, adapter_name, seed)
+    try:
+        yield params
+    finally:
+        unet.delete_adapters(adapter_name)
 
 
 def freeze_all_but(unet: UNet2DConditionModel, adapter_name: str | None) -> None:
@@ -58,3 +73,28 @@ def load_lora_file(unet: UNet2DConditionModel, path: Path, adapter_name: str) ->
     """Load a diffusers LoRA file into `unet` under `adapter_name` (frozen)."""
     state, _ = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name)
     unet.load_lora_adapter(state, prefix="unet", adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def fused(unet: UNet2DConditionModel, adapter_name: str) -> Iterator[None]:
+    """Merge a frozen LoRA into the base weights for the block, as diffusers' DPO example
+    trains on a fused model: later adapters then sit on it, and "adapters disabled" is it.
+
+    The adapter is deleted (peft skips every adapter of a merged layer, so peft's own merge
+    cannot hold a second, trainable one); the base weights are restored bit for bit after,
+    from a CPU copy, since a model resident across tasks must not drift by merge/unmerge.
+    """
+    originals: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                base = module.get_base_layer()
+                originals.append((base, base.weight.detach().to("cpu", copy=True)))
+                base.weight += module.get_delta_weight(adapter_name).to(base.weight.dtype)
+    unet.delete_adapters(adapter_name)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for base, weight in originals:
+                base.weight.copy_(weight)

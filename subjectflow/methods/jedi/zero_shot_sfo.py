@@ -11,7 +11,7 @@ from ...catalog import Catalog
 from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import MODELS
 from ...config import Config, stable_hash
-from ...training.adapters import add_lora, load_lora_file, lora_file_bytes
+from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
 from ...training.artefacts import autocast_dtype, file_latents, record_trained
 from ...training.loop import train
 from ...training.subjects import TuningError, load_subjects
@@ -62,12 +62,12 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
     resolution = config.train.resolution
     embeds = embed_all(parts, captions)
     load_lora_file(parts.unet, catalog.blob_path(model["file"]), JEDI)
-    trainable = add_lora(parts.unet, config.sfo.lora_rank, SFO_ADAPTER, config.train.seed)
-    try:
+    with fused(parts.unet, JEDI), trained_adapter(parts.unet, config.sfo.lora_rank, SFO_ADAPTER,
+                                                  config.train.seed) as trainable:
         objective = SfoObjective(parts.unet, parts.noise_scheduler, file_latents(parts, catalog, positives, resolution),
                                  file_latents(parts, catalog, negatives, resolution),
                                  torch.stack([embeds[c] for c in captions]).to(parts.unet.device), trainable,
-                                 config.sfo.beta, config.sfo.batch_size or config.train.batch_size, reference=JEDI, adapter_name=SFO_ADAPTER,
+                                 config.sfo.beta, config.sfo.batch_size or config.train.batch_size, adapter_name=SFO_ADAPTER,
                                  context_latents=file_latents(parts, catalog, contexts, resolution))
         with coupled(parts.unet, 2):
             result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, config.sfo.steps,
@@ -79,5 +79,3 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
                "inputs_hash": stable_hash(sorted(negative_ids)), "steps": result.steps,
                "final_loss": result.final_loss}
         return record_trained(catalog, MODELS, "models", row, result.history, lora_file_bytes(parts.unet, SFO_ADAPTER))
-    finally:
-        parts.unet.delete_adapters([SFO_ADAPTER, JEDI])

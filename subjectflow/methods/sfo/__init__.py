@@ -12,7 +12,7 @@ import json
 from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config, stable_hash
-from ...training.adapters import add_lora, load_lora_file, lora_file_bytes
+from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
 from ...training.data import encode_prompt, instance_prompt
 from ...training.loop import train
@@ -43,8 +43,8 @@ def train_sfo(ctx: Context, subject: Subject, sft_adapter: dict, negatives: list
     embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompt)
     prepare_unet(parts, config.train)
     load_lora_file(parts.unet, catalog.blob_path(sft_adapter["file"]), "sft")
-    trainable = add_lora(parts.unet, config.sfo.lora_rank, NAME, config.train.seed)
-    try:
+    with fused(parts.unet, "sft"), trained_adapter(parts.unet, config.sfo.lora_rank, NAME,
+                                                   config.train.seed) as trainable:
         objective = SfoObjective(parts.unet, parts.noise_scheduler, positives, negative_latents, embeds, trainable,
                                  config.sfo.beta, config.sfo.batch_size or config.train.batch_size)
         result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.sfo.steps,
@@ -56,8 +56,6 @@ def train_sfo(ctx: Context, subject: Subject, sft_adapter: dict, negatives: list
                "inputs_hash": stable_hash([subject.inputs_hash, sorted(n["negative_id"] for n in negatives)]),
                "steps": result.steps, "final_loss": result.final_loss}
         return record_trained(catalog, ADAPTERS, "adapters", row, result.history, lora_file_bytes(parts.unet, NAME))
-    finally:
-        parts.unet.delete_adapters([NAME, "sft"])
 
 
 class Sfo(Method):

@@ -1,8 +1,11 @@
 """SFO's batch and loss for the shared loop (METHODS.md section 1).
 
 A positive (a real photo) and its CDNS negative are noised with the same eps and
-logit-normal t; the policy (reference + SFO LoRAs) is pushed to denoise the positive better
+logit-normal t; the policy (reference + SFO LoRA) is pushed to denoise the positive better
 than the negative, relative to the frozen reference (the SFT adapter, or the JeDi model).
+The reference is fused into the UNet's weights (`training.adapters.fused`), so the
+reference pass is the UNet with its adapters disabled and the policy pass the UNet with
+the SFO LoRA: no adapter switching, and no reference LoRA computed in either pass.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .loss import noised_pair, sfo_loss, targets
 
 @dataclass
 class SfoObjective:
-    unet: UNet2DConditionModel  # carries the frozen reference adapter and the trainable "sfo" one
+    unet: UNet2DConditionModel  # the reference fused into its weights, and the trainable "sfo" LoRA
     scheduler: object
     positive_latents: torch.Tensor  # [N, C, h, w]
     negative_latents: torch.Tensor  # [N, C, h, w]; row i is a CDNS negative of positive i
@@ -27,13 +30,10 @@ class SfoObjective:
     trainable: list[torch.nn.Parameter]
     beta: float = 1000.0
     batch_size: int = 1
-    reference: str = "sft"
     adapter_name: str = "sfo"
     # Zero-shot SFO on the JeDi model: row i is a known member shown beside pair i in a set
     # of two, noised with its own draw at the pair's t; the UNet must be coupled (set size 2).
     context_latents: torch.Tensor | None = None
-    _policy: list[str] = field(init=False)
-    _reference_params: list[torch.nn.Parameter] = field(init=False)
     _dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -41,20 +41,17 @@ class SfoObjective:
             raise ValueError("every positive needs exactly one negative in the same row")
         if self.context_latents is not None and self.context_latents.shape != self.positive_latents.shape:
             raise ValueError("every pair needs exactly one context member in the same row")
-        self._policy = [self.reference, self.adapter_name]
-        self._reference_params = [p for n, p in self.unet.named_parameters() if f".{self.reference}." in n]
+        if list(self.unet.peft_config) != [self.adapter_name]:
+            raise ValueError(f"SFO trains {self.adapter_name!r} on a UNet with the reference fused in "
+                             f"(training.adapters.fused); it also holds {sorted(self.unet.peft_config)}")
+        self.unet.set_adapters([self.adapter_name])
         self._dtype = self.unet.dtype
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
 
-    def _predict(self, adapters: list[str], noisy: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+    def _predict(self, noisy: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
                  context: torch.Tensor | None) -> torch.Tensor:
-        self.unet.set_adapters(adapters)
-        # peft's set_adapter() marks every active adapter trainable; the reference
-        # must stay frozen (only its own parameters need resetting, not the whole UNet).
-        for p in self._reference_params:
-            p.requires_grad_(False)
         if context is None:
             return unet_eps(self.unet, self._dtype, noisy, t, embeds)
         # Sets [context_i, member_i], laid out consecutively; only the members are scored.
@@ -74,9 +71,13 @@ class SfoObjective:
             known = self.context_latents[index]
             noise = torch.randn(known.shape, generator=generator, device=generator.device).to(known.device)
             context = self.scheduler.add_noise(known, noise, pair.timesteps).repeat(2, 1, 1, 1)
-        with torch.no_grad():
-            ref_pos, ref_neg = self._predict([self.reference], noisy, t, embeds, context).chunk(2)
-        policy_pos, policy_neg = self._predict(self._policy, noisy, t, embeds, context).chunk(2)
+        self.unet.disable_adapters()  # the reference: the fused weights alone
+        try:
+            with torch.no_grad():
+                ref_pos, ref_neg = self._predict(noisy, t, embeds, context).chunk(2)
+        finally:
+            self.unet.enable_adapters()
+        policy_pos, policy_neg = self._predict(noisy, t, embeds, context).chunk(2)
         target_pos, target_neg = targets(pair, pos, neg, self.scheduler)
         return sfo_loss(policy_pos, policy_neg, ref_pos, ref_neg, target_pos, target_neg, self.beta)
 
