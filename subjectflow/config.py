@@ -111,7 +111,8 @@ class TrainConfig(_Section):
     gradient_accumulation: int = Field(1, ge=1)
     resolution: Resolution = AUTO
     learning_rate: float = Field(1e-4, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # "prodigy" (the SFO paper's) estimates the step size; every learning rate is then a multiplier, 1.0
+    optimizer: Literal["adamw", "sgd", "prodigy"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
     lora_rank: int = Field(4, ge=1)
     max_grad_norm: float = added(1.0, neutral=0.0, ge=0)  # clip the gradients' norm to this; 0 = off
@@ -126,7 +127,7 @@ class SftConfig(_Section):
 
     identifier: str = "sks"  # the rare token that names the subject
     prior_preservation: bool = False
-    class_images: int = Field(8, ge=1)
+    class_images: int = Field(100, ge=1)  # DreamBooth's default class-image count; sampled once per class
     prior_weight: float = Field(1.0, ge=0)
 
 
@@ -274,6 +275,17 @@ class Config(_Section):
     oneactor: OneActorConfig = OneActorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     versioning: VersioningConfig = VersioningConfig()
+
+    @model_validator(mode="after")
+    def _prodigy_reads_learning_rates_as_multipliers(self) -> "Config":
+        if self.train.optimizer != "prodigy":
+            return self
+        rates = {f"{name}.learning_rate": getattr(self, name).learning_rate for name in ("train", "sfo", "joint", "oneactor")}
+        off = [f"{name} ({rate:g})" for name, rate in rates.items() if not 0.1 <= rate <= 10]
+        if off:
+            raise ValueError(f"train.optimizer prodigy estimates the step size itself and reads a learning rate as "
+                             f"a multiplier on it: set {', '.join(off)} to 1.0")
+        return self
 
     def digest(self) -> str:
         return stable_hash(self.model_dump())

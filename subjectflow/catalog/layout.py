@@ -65,8 +65,8 @@ STAGES: dict[str, Stage] = {
             # Every method's artefacts, and the negatives some train on, are made here: a
             # method's chain (adapter -> negatives -> adapter) runs in one stage. Which
             # methods run is evaluate.methods, hence that section among the params.
-            tables=("negatives", "adapters", "models", "clusters", "train_log"),
-            blob_kinds=("negatives", "adapters", "models", "clusters"),
+            tables=("negatives", "adapters", "models", "class_images", "clusters", "train_log"),
+            blob_kinds=("negatives", "adapters", "models", "class_images", "clusters"),
             dirs=(MODELS_DIR,),
             params=("model", "train", "sft", "sfo", "negatives", "joint", "oneactor", "evaluate"),
             command="subjectflow tune --all --catalog {catalog} --no-version",

@@ -231,6 +231,23 @@ MODELS = TableSpec(
     ),
 )
 
+# Prior-preservation class images: the base model's samples of a class prompt, one row per
+# image, made once per (base, prompt, seed, settings) and shared by every subject and method.
+CLASS_IMAGES = TableSpec(
+    "class_images",
+    version=1,
+    key=("class_image_id",),
+    fields=(
+        pa.field("class_image_id", pa.string(), nullable=False),  # hash of base, prompt, seed, index, settings
+        pa.field("base_model", pa.string(), nullable=False),
+        pa.field("class_prompt", pa.string(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),  # image i is seeded by seed + i, whatever the count
+        pa.field("file", pa.string(), nullable=False),  # png
+        pa.field("params", pa.string(), nullable=False),  # JSON: seed, steps, guidance, resolution
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
 # OneActor's auxiliary clusters: base-model samples of a class prompt with their last-step
 # UNet features, made once per (base, class, seed) and shared by every subject of the class.
 CLUSTERS = TableSpec(
@@ -293,5 +310,5 @@ RUNS = TableSpec(
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES,
-                 JOINTSETS, MODELS, CLUSTERS, METRICS, RUNS)
+                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, METRICS, RUNS)
 }

@@ -2,7 +2,8 @@
 
 Noise a subject photo's latent at a uniform timestep and regress the noise under the
 instance prompt "a photo of sks <class>", optionally with prior preservation on the base
-model's own class images (Ruiz et al. 2023, eq. 2).
+model's own class images (Ruiz et al. 2023, eq. 2; cached in the catalog, see
+training/class_images.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from diffusers import UNet2DConditionModel
 from ..catalog.layout import WORK_DIR
 from ..catalog.schemas import ADAPTERS
 from ..config import Config
-from ..training.adapters import adapter_state, add_lora, load_adapter_state, lora_file_bytes
+from ..training.adapters import adapter_state, load_adapter_state, lora_file_bytes, trained_adapter
 from ..training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
-from ..training.data import class_prompt, encode_latents, encode_prompt, instance_prompt
+from ..training.class_images import class_image_latents, planned_class_images
+from ..training.data import class_prompt, encode_prompt, instance_prompt
 from ..training.diffusion import Metrics, denoising_loss, denoising_target, pick, unet_eps
 from ..training.loop import train
-from ..training.sampling import identified, sample_adapters, sampling_pipeline
+from ..training.sampling import identified, sample_adapters
 from ..training.subjects import Subject
 from .base import Artefacts, Context, Method
 
@@ -74,31 +76,26 @@ def sft_params(config: Config, base: str) -> dict:
     return {"method": NAME, "base": base, "train": config.train.identity(), "sft": config.sft.identity()}
 
 
-def _class_images(ctx: Context, subject: Subject) -> torch.Tensor:
-    """Prior-preservation images: the base model's own samples of the class prompt."""
-    config, parts = ctx.config, ctx.parts
-    generator = torch.Generator("cpu").manual_seed(config.train.seed)
-    images = sampling_pipeline(parts)(
-        class_prompt(subject.class_name), num_images_per_prompt=config.sft.class_images,
-        height=config.train.resolution, width=config.train.resolution, num_inference_steps=20,
-        generator=generator, output_type="pt").images
-    return encode_latents(parts.vae, images * 2 - 1).to(parts.unet.device)
+def sft_id(config: Config, base: str, subject: Subject) -> str:
+    """Its params, the subject, and with prior preservation the class images it trains on."""
+    priors = ([key for key, _ in planned_class_images(config, base, subject.class_name)]
+              if config.sft.prior_preservation else [])
+    return adapter_id(sft_params(config, base), subject, priors)
 
 
 def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> dict:
     config, parts, catalog = ctx.config, ctx.parts, ctx.catalog
     params = sft_params(config, ctx.base)
-    adapter = adapter_id(params, subject)
+    adapter = sft_id(config, ctx.base, subject)
     latents = file_latents(parts, catalog, [r["normalised_file"] for r in subject.images], config.train.resolution)
     prompt = instance_prompt(config.sft.identifier, subject.class_name)
     embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompt)
     class_latents = class_embeds = None
     if config.sft.prior_preservation:
-        class_latents = _class_images(ctx, subject)
+        class_latents = class_image_latents(ctx, subject.class_name)
         class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
     prepare_unet(parts, config.train)
-    trainable = add_lora(parts.unet, config.train.lora_rank, NAME, config.train.seed)
-    try:
+    with trained_adapter(parts.unet, config.train.lora_rank, NAME, config.train.seed) as trainable:
         objective = SftObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable,
                                  config.train.batch_size, NAME, class_latents, class_embeds, config.sft.prior_weight)
         result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.train.steps,
@@ -109,8 +106,6 @@ def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> 
                "parent_adapter_id": None, "params": json.dumps(params, sort_keys=True),
                "inputs_hash": subject.inputs_hash, "steps": result.steps, "final_loss": result.final_loss}
         return record_trained(catalog, ADAPTERS, "adapters", row, result.history, lora_file_bytes(parts.unet, NAME))
-    finally:
-        parts.unet.delete_adapters(NAME)
 
 
 class Sft(Method):
@@ -119,7 +114,7 @@ class Sft(Method):
     sections = ("train", "sft")
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
-        return adapter_id(sft_params(ctx.config, ctx.base), subject)
+        return sft_id(ctx.config, ctx.base, subject)
 
     def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
         return train_sft(ctx, subject, stop_after)

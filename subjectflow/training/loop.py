@@ -22,6 +22,7 @@ import torch
 
 from ..config import TrainConfig
 from ..progress import progress
+from .prodigy import Prodigy
 from .subjects import TuningError
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -59,6 +60,11 @@ def step_generator(seed: int, step: int, micro: int, device: torch.device | str 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "prodigy":
+        # Under warm-up the lr factor is small; the safeguard keeps it out of d's denominator
+        # so the estimate does not overshoot (the package's advice for warm-up).
+        return Prodigy(params, lr=learning_rate, weight_decay=config.weight_decay,
+                       safeguard_warmup=config.warmup_steps > 0)
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=config.weight_decay)
 
 

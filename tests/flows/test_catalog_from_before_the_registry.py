@@ -16,8 +16,9 @@ from tests.photos import photo_set
 from tests.training.conftest import TINY, tiny_config
 
 BEFORE = "951914a"  # main before `subjectflow.methods.registry`
-# Settings added since, at the values that behave as that code did (`config.added`).
-SINCE = {"train": {"max_grad_norm": 0.0}, "sfo": {"batch_size": None}}
+# Settings added since, at the values that behave as that code did (`config.added`), and
+# defaults changed since, at that code's default.
+SINCE = {"train": {"max_grad_norm": 0.0}, "sfo": {"batch_size": None}, "sft": {"class_images": 8}}
 
 # What that release's refresh did, stage by stage, without Prefect: ingest, joint sets,
 # SFT + SFO per subject, the joint model, then every evaluation its plan listed.
