@@ -66,6 +66,7 @@ class Method:
     table: TableSpec = ADAPTERS  # where its artefacts are recorded (adapters or models)
     makes_negatives: bool = False  # `subjectflow negatives --method NAME` renders its CDNS negatives
     steps_setting: str = "train.steps"  # what `tune --method NAME --steps N` sets
+    usage: str = ""  # for an exported model card: how it samples, when that is more than txt2img
 
     def enabled(self, config: Config) -> bool:
         """False when the configuration switches the method off (the refresh skips it)."""
@@ -109,7 +110,7 @@ class Method:
         `pytorch_lora_weights.safetensors` with a model card."""
         out.mkdir(parents=True, exist_ok=True)
         policy = self.lora_policy(ctx, subject, artefacts)
-        exported = export_lora_policy(ctx.catalog, self.name, ctx.base, *policy, out) if policy else []
+        exported = export_lora_policy(ctx.catalog, self.name, ctx.base, *policy, out, self.usage) if policy else []
         files, manifest = [], []
         for name, row in self.weights(artefacts):
             files.append(Path(shutil.copyfile(ctx.catalog.blob_path(row["file"]), out / name)))

@@ -16,6 +16,7 @@ from ..catalog.store import utcnow
 from ..config import Config
 from ..ingest.photo import encode_png
 from ..models.loading import ModelParts
+from ..progress import progress
 from .adapters import load_lora_file
 from .subjects import Subject
 
@@ -62,13 +63,15 @@ def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, bas
         pipe.set_adapters(names)
     rows = []
     try:
-        for i in range(n):
-            seed = cfg.seed + i
-            image = pipe(text, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
-                         width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-            rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id if subject else None,
-                                   adapter_id=adapter_id, method=method, prompt=text, seed=seed, steps=cfg.steps,
-                                   guidance=cfg.guidance, resolution=cfg.resolution, base_model=base))
+        with progress(n, f"generate {method}", unit="image") as shown:
+            for i in range(n):
+                seed = cfg.seed + i
+                image = pipe(text, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
+                             width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+                rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id if subject else None,
+                                       adapter_id=adapter_id, method=method, prompt=text, seed=seed, steps=cfg.steps,
+                                       guidance=cfg.guidance, resolution=cfg.resolution, base_model=base))
+                shown.update()
     finally:
         if names:
             parts.unet.delete_adapters(names)

@@ -3,18 +3,22 @@ set-completion samples, JeDi negatives and zero-shot SFO, through the CLI."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import UNet2DConditionModel
 
 from flows.cli import main
 from subjectflow.catalog import list_versions
 from subjectflow.jointsets import build_jointsets
 from subjectflow.jointsets import read_sets
+from subjectflow.methods import registry
 from subjectflow.methods.jedi.model import current_sets, encode_sets, train_joint
 from subjectflow.training.artefacts import open_model
 from subjectflow.training.data import encode_prompt
 from tests.training.conftest import context, ingested_catalog, tiny_config
+from tests.training.test_export import fixed_sample, plain_pipe
 
 JOINT = {"jointsets": {"resolution": 32, "sets_per_subject": 2}, "joint": {"steps": 4, "max_references": 2}}
 
@@ -55,6 +59,20 @@ def test_jointsets_tune_jedi_and_generate_with_references(tmp_path, capfd):
     assert len(catalog.read("negatives").to_pylist()) == 6  # pairs from every subject
     assert cli("generate", "--subject", "blue_box", "--method", "jedi-sfo") == 0
     assert catalog.read("samples").to_pylist()[-1]["model_id"] == sfo[0]["model_id"]
+
+    # Exported: one LoRA that is the joint model and zero-shot SFO's LoRA stacked.
+    out = tmp_path / "export"
+    assert cli("export", "--method", "jedi-sfo", "--subject", "blue_box", "--out", str(out)) == 0
+    merged = plain_pipe(catalog)
+    merged.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    stacked = plain_pipe(catalog)
+    for name, row in (("jedi", models[0]), ("sfo", sfo[0])):
+        path = catalog.blob_path(row["file"])
+        stacked.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    stacked.set_adapters(["jedi", "sfo"], [1.0, 1.0])
+    np.testing.assert_allclose(fixed_sample(merged), fixed_sample(stacked), atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "set completion" in card and "rank 32" in card and "`box`" in card
 
 
 @pytest.mark.parametrize("weights", ["lora", "unet"])
@@ -104,3 +122,8 @@ def test_full_unet_joint_training_keeps_fp32_master_weights_under_bf16(tmp_path)
     # trained in bf16 these updates would round away.
     assert len(moved) > len(trained) // 2
     assert ctx.parts.unet.dtype == torch.bfloat16  # back to the run's dtype for sampling
+
+    files = registry.export(ctx, "jedi", None, tmp_path / "export")
+    assert tmp_path / "export" / "unet" in files
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").state_dict()
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)

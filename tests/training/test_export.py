@@ -13,13 +13,13 @@ from subjectflow.methods import registry
 from tests.training.conftest import context, tiny_config
 
 
-def _pipe(catalog):
+def plain_pipe(catalog):
     pipe = StableDiffusionPipeline.from_pretrained(catalog.root / MODELS_DIR / "tiny-sd")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _sample(pipe):
+def fixed_sample(pipe):
     return pipe("a photo of sks box", num_inference_steps=3, height=32, width=32, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images[0]
 
@@ -32,18 +32,18 @@ def test_sfo_exports_as_one_lora_equal_to_the_stacked_policy(two_subjects, tmp_p
     weights = tmp_path / "out" / "pytorch_lora_weights.safetensors"
     assert weights in files and (tmp_path / "out" / "README.md") in files
 
-    merged = _pipe(two_subjects)
+    merged = plain_pipe(two_subjects)
     merged.load_lora_weights(str(weights.parent), weight_name=weights.name)
-    stacked = _pipe(two_subjects)
+    stacked = plain_pipe(two_subjects)
     parent = rows.artefact["parent_adapter_id"]
     sft = next(r for r in two_subjects.read("adapters").to_pylist() if r["adapter_id"] == parent)
     for name, row in (("sft", sft), ("sfo", rows.artefact)):
         path = two_subjects.blob_path(row["file"])
         stacked.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     stacked.set_adapters(["sft", "sfo"], [1.0, 1.0])
-    plain = _sample(_pipe(two_subjects))
-    assert np.abs(_sample(stacked) - plain).max() > 1e-3  # the policy does change the image
-    np.testing.assert_allclose(_sample(merged), _sample(stacked), atol=1e-5)
+    plain = fixed_sample(plain_pipe(two_subjects))
+    assert np.abs(fixed_sample(stacked) - plain).max() > 1e-3  # the policy does change the image
+    np.testing.assert_allclose(fixed_sample(merged), fixed_sample(stacked), atol=1e-5)
 
     with safe_open(weights, "pt") as f:
         meta = f.metadata()

@@ -54,6 +54,8 @@ def test_an_adapter_loads_into_a_plain_diffusers_pipeline_and_changes_its_output
 
 @pytest.mark.parametrize("option", [
     {"train": {"optimizer": "sgd"}},
+    {"train": {"optimizer": "prodigy", "learning_rate": 1.0}, "sfo": {"learning_rate": 1.0},
+     "joint": {"learning_rate": 1.0}, "oneactor": {"learning_rate": 1.0}},
     {"train": {"gradient_accumulation": 2, "batch_size": 2}},
     {"train": {"gradient_checkpointing": True}},
     {"sft": {"prior_preservation": True, "class_images": 2}},
@@ -140,3 +142,48 @@ def test_warmup_scales_the_first_steps_and_clipping_bounds_the_gradient(tmp_path
     result = train(clipped, TrainConfig(steps=1, optimizer="sgd", max_grad_norm=1e-3), tmp_path / "c", 1, 1.0)
     assert torch.linalg.norm(clipped.w.detach()).item() == pytest.approx(1e-3, rel=1e-4)
     assert result.history[0]["grad_norm"] == pytest.approx(torch.linalg.norm(2 * x1).item(), rel=1e-5)
+
+
+def test_a_fused_reference_equals_the_adapter_and_the_base_comes_back_bit_for_bit():
+    from subjectflow.models.tiny import build_pipeline
+    from subjectflow.training.adapters import add_lora, fused, trained_adapter
+
+    unet = build_pipeline(seed=0).unet.eval()
+    for p in add_lora(unet, 4, "ref", seed=0):
+        p.data.normal_(0, 0.2)  # B starts at zero: give the reference a real delta
+    before = {k: v.clone() for k, v in unet.state_dict().items() if "ref" not in k}
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+
+    def eps():
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=states).sample
+
+    with_adapter = eps()
+    with fused(unet, "ref"):
+        assert "ref" not in getattr(unet, "peft_config", {})
+        torch.testing.assert_close(eps(), with_adapter, rtol=1e-4, atol=1e-5)
+        with trained_adapter(unet, 4, "policy", seed=1) as trainable:
+            assert trainable and all(p.requires_grad for p in trainable)
+            unet.disable_adapters()  # the SFO reference pass: the fused weights alone
+            torch.testing.assert_close(eps(), with_adapter, rtol=1e-4, atol=1e-5)
+            unet.enable_adapters()
+    after = {k: v for k, v in unet.state_dict().items() if "ref" not in k and "policy" not in k}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not getattr(unet, "peft_config", {})  # both adapters gone: the next task finds the UNet as it was
+
+
+def test_a_progress_inside_another_reports_only_through_the_outer_one_off_a_terminal(capsys):
+    from subjectflow.progress import progress
+
+    with progress(2, "evaluate", unit="prompt") as prompts:
+        for _ in range(2):
+            with progress(3, "generate", unit="image") as images:
+                for _ in range(3):
+                    images.update()
+            prompts.update()
+    with progress(3, "generate", unit="image") as alone:  # on its own, it reports its end
+        alone.update(3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["evaluate", "generate"], lines

@@ -8,6 +8,11 @@ completion (`completion.py`) and zero-shot SFO (`zero_shot_sfo.py`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import safetensors.torch
+from diffusers import UNet2DConditionModel
+
 from ...catalog.schemas import MODELS
 from ...config import Config
 from ...training.subjects import Subject, TuningError
@@ -17,6 +22,15 @@ from .model import JEDI, joint_model_id, train_joint
 from .zero_shot_sfo import sfo_joint_id, train_sfo_joint
 
 
+USAGE = """JeDi personalises by set completion: the subject's photos sit beside the new image in
+one set whose self-attention is coupled across its members. These weights in a plain
+pipeline sample single images without references (the class noun as trigger). For
+completions run `subjectflow generate --method {method} --subject NAME`, or in Python
+`subjectflow.methods.jedi.completion.complete(parts, photos, caption, prompt, completion,
+resolution)`, with `parts` a `subjectflow.models.loading.ModelParts` of the pipeline's vae,
+text_encoder, tokenizer, scheduler and its UNet carrying these weights."""
+
+
 class Jedi(Method):
     name = JEDI
     summary = "one joint-image model for every subject; personalises by set completion, no per-subject training"
@@ -24,6 +38,7 @@ class Jedi(Method):
     sections = ("train", "joint", "jointsets")
     table = MODELS
     steps_setting = "joint.steps"
+    usage = USAGE.format(method=JEDI)
 
     def enabled(self, config: Config) -> bool:
         return config.joint.enabled
@@ -39,6 +54,24 @@ class Jedi(Method):
         return sample_by_completion(ctx.catalog, ctx.config, ctx.parts, ctx.base, prompt, n, _named(subject, self),
                                     artefacts[JEDI], self.name, references)
 
+    def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]] | None:
+        rows = [row for _, row in self.weights(artefacts)]
+        return (subject.class_name if subject else "", rows) if artefacts[JEDI]["weights"] == "lora" else None
+
+    def export(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, out: Path) -> list[Path]:
+        files = super().export(ctx, subject, artefacts, out)
+        if artefacts[JEDI]["weights"] == "lora":
+            return files
+        # A fully trained UNet: a diffusers `unet/` folder, loadable with from_pretrained.
+        unet = UNet2DConditionModel.from_config(ctx.parts.unet.config)
+        unet.load_state_dict(safetensors.torch.load_file(ctx.catalog.blob_path(artefacts[JEDI]["file"])))
+        unet.save_pretrained(out / "unet")
+        (out / "README.md").write_text(f"# JeDi joint model (full UNet)\n\n- base model: `{ctx.base}`\n"
+                                       f"- model: {artefacts[JEDI]['model_id']}\n\n```python\nunet = "
+                                       f"UNet2DConditionModel.from_pretrained(\"<this folder>/unet\")\n```\n\n"
+                                       f"{self.usage}\n")
+        return [*files, out / "unet", out / "README.md"]
+
 
 class JediSfo(Jedi):
     name = "jedi-sfo"
@@ -47,6 +80,7 @@ class JediSfo(Jedi):
     sections = ("train", "sfo", "negatives")
     makes_negatives = True
     steps_setting = "sfo.steps"
+    usage = USAGE.format(method="jedi-sfo")
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return sfo_joint_id(ctx.catalog, ctx.config, ctx.base, needs[JEDI])

@@ -14,6 +14,7 @@ from ...catalog import Catalog
 from ...config import Config
 from ...ingest.photo import encode_png
 from ...models.loading import ModelParts
+from ...progress import progress
 from ...training.adapters import load_lora_file
 from ...training.data import decode_image, encode_latents, encode_prompt, image_tensor
 from ...training.sampling import record_samples, sample_row, subject_prompt
@@ -119,15 +120,17 @@ def sample_by_completion(catalog: Catalog, config: Config, parts: ModelParts, ba
             reference_images.append(image.convert("RGB"))
     rows = []
     try:
-        for i in range(n):
-            completion = Completion(tuple(p["image_id"] for p in photos), joint.references, joint.image_guidance,
-                                    joint.text_guidance, cfg.steps, cfg.seed + i)
-            image = complete(parts, reference_images, reference_caption(subject), text, completion, cfg.resolution)
-            rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id, adapter_id=None,
-                                   method=method, prompt=text, seed=completion.seed, steps=cfg.steps,
-                                   guidance=joint.text_guidance, resolution=cfg.resolution, base_model=base,
-                                   model_id=(sfo_model or model)["model_id"],
-                                   params=json.dumps(completion.as_record(), sort_keys=True)))
+        with progress(n, f"generate {method}", unit="image") as shown:
+            for i in range(n):
+                completion = Completion(tuple(p["image_id"] for p in photos), joint.references, joint.image_guidance,
+                                        joint.text_guidance, cfg.steps, cfg.seed + i)
+                image = complete(parts, reference_images, reference_caption(subject), text, completion, cfg.resolution)
+                rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id, adapter_id=None,
+                                       method=method, prompt=text, seed=completion.seed, steps=cfg.steps,
+                                       guidance=joint.text_guidance, resolution=cfg.resolution, base_model=base,
+                                       model_id=(sfo_model or model)["model_id"],
+                                       params=json.dumps(completion.as_record(), sort_keys=True)))
+                shown.update()
     finally:
         if names:
             parts.unet.delete_adapters(names)

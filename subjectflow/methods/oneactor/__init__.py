@@ -24,6 +24,7 @@ from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config
 from ...ingest.photo import encode_png
+from ...progress import progress
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
 from ...training.data import class_prompt, decode_image, encode_prompt
 from ...training.loop import train
@@ -119,14 +120,17 @@ def sample_oneactor(ctx: Context, subject: Subject, row: dict, prompt: str, n: i
     scheduler = sampling_scheduler(ctx)
     recorded = json.dumps({**asdict(settings), "batch_stats": batch_stats, "preset": config.oneactor.preset})
     rows = []
-    for i in range(n):
-        seed = cfg.seed + i
-        latents = guided_sample(unet, scheduler, parts.vae, cond, uncond, delta_target, delta_average, positions,
-                               settings, steps=cfg.steps, generator=torch.Generator("cpu").manual_seed(seed),
-                        height=cfg.resolution, width=cfg.resolution)
-        rows.append(sample_row(ctx.catalog, encode_png(decode_image(parts.vae, latents)), subject_id=subject.subject_id,
-                               adapter_id=row["adapter_id"], method=NAME, prompt=text, seed=seed, steps=cfg.steps,
-                               guidance=cfg.guidance, resolution=cfg.resolution, base_model=ctx.base, params=recorded))
+    with progress(n, f"generate {NAME}", unit="image") as shown:
+        for i in range(n):
+            seed = cfg.seed + i
+            latents = guided_sample(unet, scheduler, parts.vae, cond, uncond, delta_target, delta_average, positions,
+                                    settings, steps=cfg.steps, generator=torch.Generator("cpu").manual_seed(seed),
+                                    height=cfg.resolution, width=cfg.resolution)
+            image = encode_png(decode_image(parts.vae, latents))
+            rows.append(sample_row(ctx.catalog, image, subject_id=subject.subject_id, adapter_id=row["adapter_id"],
+                                   method=NAME, prompt=text, seed=seed, steps=cfg.steps, guidance=cfg.guidance,
+                                   resolution=cfg.resolution, base_model=ctx.base, params=recorded))
+            shown.update()
     return record_samples(ctx.catalog, rows)
 
 
