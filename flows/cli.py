@@ -136,6 +136,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from flows.benchmark import dreambench_flow
+    from subjectflow.evaluation.dreambench import QUICK, Protocol
 
     data = Path(args.data).resolve()
     if not data.is_dir():
@@ -143,7 +144,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     root = Path(args.catalog or ".benchmark/dreambench").resolve()
     catalog = Catalog.open(root) if (root / "catalog.json").exists() else init_catalog(root, load_config(), standalone=True)
     config = load_config(catalog.params_file, _overrides(args))
-    run = dreambench_flow(str(data), str(catalog.root), args.method or list(config.evaluate.methods), config)
+    protocol = QUICK if args.quick else Protocol()
+    run = dreambench_flow(str(data), str(catalog.root), args.method or list(config.evaluate.methods), config, protocol)
     print(run.table)
     print(f"\ncatalog {catalog.root}; dashboard {run.refresh.dashboard}")
     return 1 if run.refresh.record.failures else 0
@@ -348,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help=METHOD_HELP)
     p.add_argument("--catalog", metavar="PATH", default=None,
                    help="catalog for the run (default: .benchmark/dreambench, created if missing)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 5 prompts x 1 image per subject, labelled DreamBench-subset (the protocol: "
+                        "25 prompts x 4 images, JeDi with 1 reference)")
 
     p = command("jointsets", cmd_jointsets,
                 "build joint-image sets (augmented photos, optional synthetic collages) as sharded Parquet")

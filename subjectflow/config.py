@@ -247,6 +247,9 @@ class EvaluateConfig(_Section):
     prompt_file: str = ""
     images_per_prompt: int = Field(2, ge=1)
     seed: int = 0
+    # The published protocol these settings follow, recorded with every score; set by
+    # `subjectflow benchmark`, "" = the project's own evaluation.
+    protocol: str = added("", neutral="")
     # Local folders or hub ids already in the local cache; nothing is downloaded.
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "openai/clip-vit-base-patch32"

@@ -268,7 +268,7 @@ CLUSTERS = TableSpec(
 # One score per row, so a trend across catalog versions is a filter and a group-by.
 METRICS = TableSpec(
     "metrics",
-    version=1,
+    version=2,
     key=("evaluation_id", "metric"),
     fields=(
         pa.field("evaluation_id", pa.string(), nullable=False),  # hash of what was generated and how scored
@@ -285,6 +285,30 @@ METRICS = TableSpec(
         pa.field("scorer_kind", pa.string(), nullable=False),  # pretrained | random-test | proxy
         pa.field("catalog_version", pa.int32(), nullable=True),  # the version the scored model was made at
         pa.field("evaluated_at", TIMESTAMP, nullable=False),
+        # The published protocol the numbers follow ("DreamBench", or "DreamBench-subset" for
+        # a --quick run); null = the project's own evaluation. Its parameters beside it, so a
+        # query never mixes runs: prompts per subject, images per prompt.
+        pa.field("protocol", pa.string(), nullable=True),
+        pa.field("prompt_count", pa.int32(), nullable=True),
+        pa.field("images_per_prompt", pa.int32(), nullable=True),
+    ),
+    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2)),
+)
+
+# Per-prompt values of every evaluation (join `metrics` on evaluation_id for the rest), so
+# the dashboard and a query can see which prompts fail.
+PROMPT_METRICS = TableSpec(
+    "prompt_metrics",
+    version=1,
+    key=("evaluation_id", "metric", "prompt"),
+    fields=(
+        pa.field("evaluation_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),  # the template, with {subject}
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("n_images", pa.int32(), nullable=False),
     ),
 )
 
@@ -310,5 +334,5 @@ RUNS = TableSpec(
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES,
-                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, METRICS, RUNS)
+                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, METRICS, PROMPT_METRICS, RUNS)
 }

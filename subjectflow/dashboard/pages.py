@@ -232,7 +232,7 @@ def index_page(summary_html: str, subjects_html: str, trends: Sequence[Trend], r
 def subject_page(subject: dict, list_href: str, photos: Sequence[tuple[dict, Thumb, Thumb]],
                  negatives: Sequence[tuple[dict, Thumb]], jointsets: Mapping[str, Sequence[tuple[dict, Thumb]]],
                  samples: Sequence[tuple[dict, Thumb]], adapters: Sequence[dict], models: Sequence[dict],
-                 scores: Mapping[str, Mapping[str, dict]]) -> str:
+                 scores: Mapping[str, Mapping[str, dict]], prompt_rows: Sequence[dict] = ()) -> str:
     root, name = "../", subject["name"]
     header = (f'<nav><a href="{root}{list_href}">&larr; all subjects</a></nav><h1>{esc(name)}</h1>'
               f'<p class="muted">id {esc(subject["subject_id"])} &middot; class {esc(subject["class_name"])} '
@@ -250,7 +250,7 @@ def subject_page(subject: dict, list_href: str, photos: Sequence[tuple[dict, Thu
         + "".join(figure(t, f"joint set member {r['member']}",
                          f"#{r['member']} {esc(r['origin'])}: {esc(r['caption'])}", root) for r, t in members)
         + "</div>" for set_id, members in jointsets.items())
-    return page(name, header + scores_section(scores)
+    return page(name, header + scores_section(scores) + weakest_prompts_section(prompt_rows)
                 + section("photos", f"Photos and masks ({len(photos)})", pairs, "photos")
                 + section("negatives", f"CDNS negatives ({len(negatives)})", negs, "negatives")
                 + section("jointsets", f"Joint sets ({len(jointsets)})", sets, "joint sets")
@@ -272,6 +272,23 @@ def scores_section(scores: Mapping[str, Mapping[str, dict]]) -> str:
         rows.append((f"<b>{esc(method)}</b>", "unversioned" if version is None else f"v{version}", *cells))
     scored = table(("method", "version", *map(esc, metrics)), rows, "scores") if rows else ""
     return section("scores", "Scores (latest version per method)", scored, "scores")
+
+
+WEAKEST = 3  # prompts shown per method and metric
+
+
+def weakest_prompts_section(prompt_rows: Sequence[dict]) -> str:
+    """Per method, the prompts its latest evaluation scored lowest on subject fidelity
+    (DINO) and prompt fidelity (CLIP-T): where to look first."""
+    rows = []
+    for method in sorted({r["method"] for r in prompt_rows}):
+        for metric in ("dino", "clip_t"):
+            scored = sorted((r for r in prompt_rows if r["method"] == method and r["metric"] == metric),
+                            key=lambda r: r["value"])
+            rows += [(f"<b>{esc(method)}</b>", esc(metric), esc(r["prompt"]), fmt(r["value"]), esc(r["n_images"]))
+                     for r in scored[:WEAKEST]]
+    body = table(("method", "metric", "prompt", "value", "images"), rows, "prompts") if rows else ""
+    return section("prompts", "Weakest prompts (latest evaluation)", body, "per-prompt scores")
 
 
 def samples_section(samples: Sequence[tuple[dict, Thumb]], name: str, root: str) -> str:

@@ -40,7 +40,7 @@ THUMB_QUALITY = 85
 THUMB_RECIPE = f"{THUMB_PX}px-jpeg-q{THUMB_QUALITY}"
 MARKER = ".subjectflow-dashboard"  # what lets a rebuild replace the folder safely
 # Tables whose rows belong to one subject, grouped once so no page scans a whole table.
-PER_SUBJECT = ("images", "negatives", "jointsets", "samples", "adapters", "metrics")
+PER_SUBJECT = ("images", "negatives", "jointsets", "samples", "adapters", "metrics", "prompt_metrics")
 SAFE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
 # What an unreadable image or shard raises; anything else (e.g. a full disk while
 # writing the site) is a real error and stops the build.
@@ -301,6 +301,7 @@ def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict]
     photos = [(r, thumbs.blob(r["thumbnail_file"]), thumbs.blob(r["mask_file"]))
               for r in sorted(rows["images"], key=lambda r: r["image_id"])]
     scores = latest_scores(rows["metrics"])
+    latest = {row["evaluation_id"] for by_metric in scores.values() for row in by_metric.values()}
     html = pages.subject_page(
         subject, list_page, photos,
         negatives=[(r, thumbs.blob(r["file"])) for r in sorted(rows["negatives"], key=lambda r: r["negative_id"])],
@@ -308,7 +309,7 @@ def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict]
         samples=[(r, thumbs.blob(r["file"])) for r in rows["samples"]],
         adapters=sorted(rows["adapters"], key=lambda r: (r["method"], r["created_at"])),
         models=_models_used(rows, models),
-        scores=scores)
+        scores=scores, prompt_rows=[r for r in rows["prompt_metrics"] if r["evaluation_id"] in latest])
     cover = photos[0][1] if photos else Thumb(None, "no photos")
     return Entry(subject, subject_href(subject["subject_id"]), cover, scores), html
 

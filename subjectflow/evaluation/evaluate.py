@@ -16,7 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ..catalog.layout import MODELS_DIR
-from ..catalog.schemas import METRICS
+from ..catalog.schemas import METRICS, PROMPT_METRICS
 from ..catalog.store import utcnow
 from ..config import Config, stable_hash
 from ..methods import registry
@@ -46,18 +46,24 @@ class EvaluationPlan:
 
 
 def _settings(config: Config, models_dir: Path) -> dict:
-    return {"evaluate": config.evaluate.model_dump(mode="json"),
+    return {"evaluate": config.evaluate.identity(mode="json"),
             "scorers": scorer_names(config.evaluate, models_dir),
             "generate": config.generate.model_dump(exclude={"seed"}),
             "joint": config.joint.model_dump(include={"references", "max_references", "image_guidance",
                                                       "text_guidance"})}
 
 
-def prompt_set(config: Config) -> PromptSet:
+def prompt_set(config: Config, subject: Subject) -> PromptSet:
+    """The subject's prompts: the project's templates, or a prompt file's list for its class
+    (DreamBench: the live-subject list for its cats and dogs, else the object list)."""
     if not config.evaluate.prompt_file:
         return evaluation_prompts(config.evaluate.prompts)
-    templates = read_prompt_file(Path(config.evaluate.prompt_file))[:config.evaluate.prompts]
-    return PromptSet(f"{Path(config.evaluate.prompt_file).name}@{stable_hash(list(templates))}", templates)
+    kind, templates = read_prompt_file(config.evaluate.prompt_file).for_class(subject.class_name)
+    if config.evaluate.prompts > len(templates):
+        raise ValueError(f"evaluate.prompts is {config.evaluate.prompts}, but {config.evaluate.prompt_file} "
+                         f"has {len(templates)} {kind} prompts; use 1..{len(templates)}")
+    templates = templates[:config.evaluate.prompts]
+    return PromptSet(f"{Path(config.evaluate.prompt_file).name}:{kind}@{stable_hash(list(templates))}", templates)
 
 
 def seeds(config: Config) -> list[int]:
@@ -77,8 +83,9 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
             table = registry.get(need).table
             tables.setdefault(table.name, {r[table.key[0]]: r for r in catalog.read(table.name).to_pylist()})
     plan = EvaluationPlan([], [], [])
-    prompts, settings = prompt_set(config), _settings(config, catalog.root / MODELS_DIR)
+    settings = _settings(config, catalog.root / MODELS_DIR)
     for subject in load_subjects(catalog, subjects or None):
+        prompts = prompt_set(config, subject)
         for method in methods:
             label = f"{subject.name}/{method}"
             rows, why = registry.current(ctx, method, subject, tables)
@@ -100,7 +107,7 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
 def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, mask_fn: MaskFn) -> list[dict]:
     """Generate the prompt set with the job's model, score it, record the `metrics` rows."""
     catalog, config = ctx.catalog, ctx.config
-    prompts = prompt_set(config)
+    prompts = prompt_set(config, job.subject)
     sampling = config.model_copy(update={"generate": config.generate.model_copy(update={"seed": config.evaluate.seed})})
     sampler = Context(catalog, sampling, ctx.base, lambda: ctx.parts, ctx.say)
     n = config.evaluate.images_per_prompt
@@ -120,8 +127,14 @@ def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, mask_fn: MaskFn) -
     rows = [{"evaluation_id": job.evaluation_id, "subject_id": subject.subject_id, "method": job.method,
              "model_ref": job.model_ref, "base_model": ctx.base, "metric": s.metric, "value": s.value,
              "prompt_set": prompts.name, "seeds": seeds(config), "n_images": s.n_images, "scorer": s.scorer,
-             "scorer_kind": s.scorer_kind, "catalog_version": job.catalog_version, "evaluated_at": now}
+             "scorer_kind": s.scorer_kind, "catalog_version": job.catalog_version, "evaluated_at": now,
+             "protocol": config.evaluate.protocol or None, "prompt_count": len(prompts.prompts),
+             "images_per_prompt": n}
             for s in scores if s.prompt is None]  # the subject's overall values (the metrics key)
-    with catalog.writer():
+    per_prompt = [{"evaluation_id": job.evaluation_id, "subject_id": subject.subject_id, "method": job.method,
+                   "metric": s.metric, "prompt": s.prompt, "value": s.value, "n_images": s.n_images}
+                  for s in scores if s.prompt is not None]
+    with catalog.writer():  # both tables in one locked write: never one without the other
         catalog.upsert(METRICS.name, pa.Table.from_pylist(rows, schema=METRICS.schema))
+        catalog.upsert(PROMPT_METRICS.name, pa.Table.from_pylist(per_prompt, schema=PROMPT_METRICS.schema))
     return rows

@@ -136,6 +136,11 @@ def filled_catalog(catalog: Catalog) -> Filled:
                    for metric in ("dino", "clip_t") for version in (1, 2, 3)]
         metrics.append(metric_row("teapot", "sfo", "clip_i", 0.123, 3, kind="random-test"))
         upsert(catalog, "metrics", metrics)
+        upsert(catalog, "prompt_metrics", [  # teapot/sfo per prompt: the latest evaluation and an old one
+            {"evaluation_id": f"teapot-sfo-{version}", "subject_id": "teapot", "method": "sfo", "metric": "dino",
+             "prompt": prompt, "value": value, "n_images": 1}
+            for version, prompt, value in ((3, "a {subject} in the snow", 0.11), (3, "a {subject} on a beach", 0.52),
+                                           (1, "a {subject} under the sea", 0.01))])
 
         failure = "CUDA out of memory <while tuning> & gave up"
         upsert(catalog, "runs", [

@@ -101,6 +101,14 @@ def test_only_scores_from_non_pretrained_scorers_are_flagged(filled_catalog, tmp
     assert flags(subject_href("tom_and_jerry")) == 0
 
 
+def test_a_subject_page_lists_the_weakest_prompts_of_the_latest_evaluation(filled_catalog, tmp_path):
+    build_dashboard(filled_catalog.catalog, tmp_path / "site")
+    page = (tmp_path / "site" / subject_href("teapot")).read_text()
+    weakest = page[page.index("Weakest prompts"):]
+    assert weakest.index("in the snow") < weakest.index("on a beach")  # lowest first
+    assert "under the sea" not in page  # an older evaluation's prompts are not today's
+
+
 def test_missing_and_unreadable_blobs_become_placeholders_and_are_reported(filled_catalog, tmp_path):
     catalog = filled_catalog.catalog
     negative = catalog.read("negatives").to_pylist()[0]["file"]

@@ -1,45 +1,89 @@
-"""`subjectflow benchmark dreambench` on a small slice of the real DreamBench photo sets."""
+"""`subjectflow benchmark dreambench`: the protocol's prompt lists, its table, and a run on
+a small slice of the real DreamBench photo sets."""
 
 import shutil
+from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from flows.cli import main
 from subjectflow.catalog import init_catalog
-from subjectflow.evaluation.dreambench import method_table, read_prompt_file
+from subjectflow.evaluation.dreambench import OBJECT_PROMPTS, method_table, read_prompt_file
+from subjectflow.evaluation.evaluate import prompt_set
 from tests.training.conftest import tiny_config
 
 
-def test_dreambench_prompts_are_read_from_its_own_file(dreambench):
-    templates = read_prompt_file(dreambench / "prompts_and_classes.txt")
-    assert len(templates) == 25 and templates[0] == "a {subject} in the jungle"
-    assert templates[-1] == "a cube shaped {subject}"
+def test_both_dreambench_prompt_lists_are_read_and_a_dog_gets_the_live_one(dreambench):
+    lists = read_prompt_file(dreambench / "prompts_and_classes.txt")
+    kind, objects = lists.for_class("teapot")
+    assert kind == "object" and objects == OBJECT_PROMPTS  # the built-in copy for folders without the file
+    assert len(objects) == 25 and objects[0] == "a {subject} in the jungle" and objects[-1] == "a cube shaped {subject}"
+    kind, live = lists.for_class("dog")
+    assert kind == "live" and len(live) == 25 and "a {subject} wearing a santa hat" in live
+    assert "a {subject} wearing a santa hat" not in objects
+
+    config = tiny_config(evaluate={"prompt_file": str(dreambench / "prompts_and_classes.txt"), "prompts": 25})
+    dog, can = (prompt_set(config, SimpleNamespace(class_name=c)) for c in ("dog", "can"))
+    assert dog.prompts == live and can.prompts == objects and dog.name != can.name
 
 
-def test_the_method_table_averages_subjects_and_flags_non_pretrained_scorers():
-    rows = [{"method": "sfo", "metric": "dino", "value": v, "subject_id": s, "scorer_kind": k}
-            for v, s, k in ((0.5, "a", "pretrained"), (0.7, "b", "random-test"))]
+def _row(method, metric, value, n, subject="a", kind="random-test", base="tiny@1", scorer="dino@x"):
+    return {"method": method, "metric": metric, "value": value, "n_images": n, "subject_id": subject,
+            "scorer_kind": kind, "base_model": base, "scorer": scorer}
+
+
+def test_the_method_table_weights_by_scored_images_and_shows_empty_masks():
+    rows = [_row("sfo", "dino", 0.5, 4, "a"), _row("sfo", "dino", 0.8, 4, "b", kind="pretrained"),
+            _row("sfo", "mdino", 0.2, 1, "a"), _row("sfo", "mdino", 0.6, 3, "b")]
     table = method_table(rows)
-    assert "|  0.600 |" in table and "random-test" in table.splitlines()[-1]
+    last = table.splitlines()[-1]
+    assert "|  0.650 |" in last  # DINO: (0.5·4 + 0.8·4) / 8
+    assert "|  0.500 |" in last  # MDINO by scored images, (0.2 + 0.6·3) / 4, not the mean of subjects (0.4)
+    assert "50%" in last and "random-test" in last  # 4 of 8 generated images had an empty mask
 
 
-def test_benchmark_dreambench_prints_the_papers_table(dreambench, tmp_path, capfd):
+@pytest.mark.parametrize("field,value", [("base_model", "sd15@2"), ("scorer", "dino@y")])
+def test_a_table_refuses_to_mix_base_models_or_scorers(field, value):
+    rows = [_row("sfo", "dino", 0.5, 4, "a"), {**_row("sfo", "dino", 0.8, 4, "b"), field: value}]
+    with pytest.raises(ValueError, match="mix"):
+        method_table(rows)
+
+
+def test_a_quick_benchmark_is_labelled_a_subset_and_pins_the_protocol(dreambench, tmp_path, capfd):
     data = tmp_path / "dreambench"
-    for subject in ("teapot", "can"):  # two subjects, two photos each: the protocol, small
+    for subject in ("teapot", "can"):  # two subjects, two photos each
         (data / subject).mkdir(parents=True)
         for photo in sorted((dreambench / subject).glob("*.jpg"))[:2]:
             shutil.copy(photo, data / subject / photo.name)
     shutil.copy(dreambench / "prompts_and_classes.txt", data)
     config = tiny_config(evaluate={"prompts": 2, "images_per_prompt": 2}, joint={"enabled": False},
-                         versioning={"push": False})
+                         versioning={"push": False})  # params.yaml's evaluation settings do not count
     catalog = init_catalog(tmp_path / "catalog", config)
     (catalog.root / "params.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
-    assert main(["benchmark", "dreambench", "--data", str(data), "--method", "sft",
+    assert main(["benchmark", "dreambench", "--data", str(data), "--method", "sft", "--quick",
                  "--catalog", str(catalog.root)]) == 0
     out = capfd.readouterr().out
+    assert "DreamBench-subset: 5 of 25 prompts x 1 of 4 images" in out and "\nDreamBench:" not in out
     header, _, row = out.split("| method")[1].splitlines()[:3]
-    assert "DINO" in header and "CLIP-I" in header and "CLIP-T" in header and "MDINO" in header
+    assert all(title in header for title in ("DINO", "CLIP-I", "CLIP-T", "MDINO", "empty masks"))
     assert row.startswith("| sft") and "random-test" in row and "|        2 |" in row
     metrics = catalog.read("metrics").to_pylist()
-    assert {m["prompt_set"].split("@")[0] for m in metrics} == {"prompts_and_classes.txt"}
+    assert {(m["protocol"], m["prompt_count"], m["images_per_prompt"]) for m in metrics} == {("DreamBench-subset", 5, 1)}
+    assert {m["prompt_set"].split("@")[0] for m in metrics} == {"prompts_and_classes.txt:object"}
+    per_prompt = catalog.read("prompt_metrics").to_pylist()
+    dino = [p for p in per_prompt if p["metric"] == "dino"]
+    assert len(dino) == 2 * 5 and {p["prompt"] for p in dino} == set(OBJECT_PROMPTS[:5])
+
+
+def test_the_protocol_overrides_params_and_a_folder_without_the_prompts_file_gets_the_object_list(tmp_path, capsys):
+    from flows.benchmark import protocol_config
+    from subjectflow.evaluation.dreambench import BUILTIN_OBJECT_PROMPTS, Protocol
+
+    config = protocol_config(tmp_path, tiny_config(evaluate={"prompts": 2}, joint={"max_references": 3}),
+                             ["sft"], Protocol())
+    assert "has no prompts_and_classes.txt" in capsys.readouterr().out
+    assert (config.evaluate.prompts, config.evaluate.images_per_prompt, config.joint.max_references) == (25, 4, 1)
+    assert config.evaluate.prompt_file == BUILTIN_OBJECT_PROMPTS and config.evaluate.protocol == "DreamBench"
+    assert prompt_set(config, SimpleNamespace(class_name="dog")).prompts == OBJECT_PROMPTS
