@@ -10,6 +10,11 @@ test the plumbing and say nothing about quality (METHODS.md, Evaluation).
 
 A local path that does not exist, or a folder that does not hold the model, is always an
 error: a typo must not quietly turn into random scores.
+
+A DINO model is always fed DINO's own evaluation transform (short side 256 bicubic, centre
+crop 224, ImageNet mean/std, as DreamBench scores it), whatever processor its folder ships:
+a hub folder's processor config is not that transform. The transform is part of the
+scorer's name, so scores made before it are redone. CLIP keeps its own processor.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ _TINY_IMAGE = 64  # random-test input side: 4x4 patches of 16 px
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 Preprocess = Callable[[Sequence[Image.Image]], torch.Tensor]
+DINO_EVAL = "dino-eval-256-224"  # in a DINO scorer's name: the transform it scores with
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,7 +128,7 @@ def scorer_names(config: EvaluateConfig, models_dir: Path | None = None) -> dict
     for key, model, what, random_name in (("dino", config.dino_model, "DINO", _random_name("ViTModel")),
                                           ("clip", config.clip_model, "CLIP", _random_name("CLIPModel"))):
         found = _locate(model, what, f"evaluate.{key}_model", config.fallback, models_dir)
-        names[key] = found[1] if found else random_name
+        names[key] = (_dino_name(found[1]) if key == "dino" else found[1]) if found else random_name
     return names
 
 
@@ -145,8 +152,32 @@ def load_dino(model: str, *, fallback: str = "error", device: str | torch.device
         return _ready(random_dino(), device)
     folder, name = found
     vit = _from_folder(ViTModel, folder, name, add_pooling_layer=False)
-    preprocess, name = _folder_preprocess(folder, name, vit.config.image_size, "imagenet")
-    return _ready(DinoScorer(name=name, kind=PRETRAINED, model=vit, preprocess=preprocess), device)
+    preprocess = functools.partial(dino_eval_transform, crop=vit.config.image_size)
+    return _ready(DinoScorer(name=_dino_name(name), kind=PRETRAINED, model=vit, preprocess=preprocess), device)
+
+
+def _dino_name(name: str) -> str:
+    return f"{name}+{DINO_EVAL}"
+
+
+def dino_eval_transform(images: Sequence[Image.Image], crop: int = 224) -> torch.Tensor:
+    """DINO's evaluation transform, as torchvision's Resize(256, bicubic) + CenterCrop(224)
+    + ToTensor + Normalize(ImageNet) computes it; a model of another input size keeps the
+    256:224 ratio. [N, 3, crop, crop]."""
+    import numpy as np
+
+    short = round(crop * 256 / 224)
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        w, h = image.size
+        # torchvision: the short side becomes `short`, the long side int(short * long / short_side).
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+        arrays.append(np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    return (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def load_clip(model: str, *, fallback: str = "error", device: str | torch.device = "cpu",
@@ -164,7 +195,7 @@ def load_clip(model: str, *, fallback: str = "error", device: str | torch.device
     except (OSError, ValueError, TypeError) as exc:
         raise ModelNotAvailable(f"CLIP scoring model {name!r} has no usable tokenizer in {str(folder)!r} "
                                 f"({exc}); save the CLIPTokenizer into the same folder") from exc
-    preprocess, name = _folder_preprocess(folder, name, clip.config.vision_config.image_size, "clip")
+    preprocess, name = _folder_preprocess(folder, name, clip.config.vision_config.image_size)
     return _ready(ClipScorer(name=name, kind=PRETRAINED, model=clip, preprocess=preprocess,
                              tokenizer=tokenizer), device)
 
@@ -298,8 +329,8 @@ def _from_folder(model_class: type, folder: Path, name: str, **kwargs: object) -
     return model
 
 
-def _folder_preprocess(folder: Path, name: str, side: int, family: str) -> tuple[Preprocess, str]:
-    """The image processor saved with the model; without one, resize + the family's normalisation
+def _folder_preprocess(folder: Path, name: str, side: int) -> tuple[Preprocess, str]:
+    """The image processor saved with a CLIP model; without one, resize + CLIP's normalisation
     (and the scorer's name says so, since scores then differ from the reference protocol)."""
     if (folder / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
@@ -312,6 +343,5 @@ def _folder_preprocess(folder: Path, name: str, side: int, family: str) -> tuple
         return (lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"]), name
     from transformers import image_utils
 
-    mean, std = ((image_utils.IMAGENET_DEFAULT_MEAN, image_utils.IMAGENET_DEFAULT_STD) if family == "imagenet"
-                 else (image_utils.OPENAI_CLIP_MEAN, image_utils.OPENAI_CLIP_STD))
-    return functools.partial(resize_normalise, side=side, mean=mean, std=std), f"{name}+resize-normalise"
+    return (functools.partial(resize_normalise, side=side, mean=image_utils.OPENAI_CLIP_MEAN,
+                              std=image_utils.OPENAI_CLIP_STD), f"{name}+resize-normalise")

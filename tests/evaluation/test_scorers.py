@@ -12,7 +12,7 @@ from PIL import Image
 
 from subjectflow.config import EvaluateConfig
 from subjectflow.evaluation import RANDOM_TEST, load_clip, load_dino, load_scorers, random_clip, random_dino
-from subjectflow.evaluation.scorers import scorer_names
+from subjectflow.evaluation.scorers import dino_eval_transform, scorer_names
 from subjectflow.models.loading import ModelNotAvailable
 
 NOT_CACHED = "subjectflow-tests/no-such-scorer"
@@ -117,9 +117,13 @@ def test_saved_models_load_by_path_as_pretrained(offline, tmp_path):
     assert _same_weights(dino.model, saved_dino.model) and _same_weights(clip.model, saved_clip.model)
 
     photos = [_photo(), _photo((30, 60, 200))]
-    pixels = ViTImageProcessor.from_pretrained(tmp_path / "dino")(images=photos, return_tensors="pt")["pixel_values"]
+    # DINO is fed DINO's evaluation transform, not the processor its folder ships.
+    pixels = dino_eval_transform(photos, crop=64)
+    shipped = ViTImageProcessor.from_pretrained(tmp_path / "dino")(images=photos, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == shipped.shape and not torch.allclose(pixels, shipped, atol=1e-2)
     expected = torch.nn.functional.normalize(saved_dino.model(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)
     torch.testing.assert_close(dino.embed_images(photos), expected)
+    assert dino.name.endswith("+dino-eval-256-224")
 
     pixels = CLIPImageProcessor.from_pretrained(tmp_path / "clip")(images=photos, return_tensors="pt")["pixel_values"]
     vision = saved_clip.model.vision_model(pixel_values=pixels).pooler_output
@@ -128,11 +132,24 @@ def test_saved_models_load_by_path_as_pretrained(offline, tmp_path):
     torch.testing.assert_close(clip.embed_texts(["a red bowl"]), saved_clip.embed_texts(["a red bowl"]))
 
 
-def test_folder_without_processor_uses_plain_preprocessing_and_says_so(offline, tmp_path):
-    _save_dino(tmp_path / "dino", processor=False)
-    scorer = load_dino(str(tmp_path / "dino"))
+def test_a_clip_folder_without_processor_uses_plain_preprocessing_and_says_so(offline, tmp_path):
+    _save_clip(tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").unlink()
+    scorer = load_clip(str(tmp_path / "clip"))
     assert scorer.kind == "pretrained" and scorer.name.endswith("+resize-normalise")
     assert scorer.embed_images([_photo()]).shape == (1, 32)
+
+
+def test_the_dino_transform_is_resize_256_bicubic_centre_crop_224_imagenet_normalised():
+    import numpy as np
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8))  # 200 wide
+    pixels = dino_eval_transform([image])
+    resized = image.resize((256, 384), Image.Resampling.BICUBIC)  # short side 256: 200x300 -> 256x384
+    crop = np.asarray(resized.crop((16, 80, 240, 304)), np.float32) / 255  # centre 224x224
+    expected = (crop - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    assert pixels.shape == (1, 3, 224, 224)
+    np.testing.assert_allclose(pixels[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
 def test_cached_hub_id_loads_from_the_local_cache(offline, tmp_path, monkeypatch):
@@ -144,7 +161,7 @@ def test_cached_hub_id_loads_from_the_local_cache(offline, tmp_path, monkeypatch
     (repo / "refs" / "main").write_text(COMMIT)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     scorer = load_dino("subjectflow-tests/tiny-dino", fallback="error")
-    assert scorer.kind == "pretrained" and scorer.name == f"subjectflow-tests/tiny-dino@{COMMIT[:12]}"
+    assert scorer.kind == "pretrained" and scorer.name == f"subjectflow-tests/tiny-dino@{COMMIT[:12]}+dino-eval-256-224"
     assert _same_weights(scorer.model, saved.model)
 
 
