@@ -257,6 +257,9 @@ class EvaluateConfig(_Section):
     # of the same classes (flagged everywhere, for testing only); "error" stops.
     fallback: Literal["random-test", "error"] = "random-test"
     proxy: bool = True  # also the weight-free masked colour/edge proxy, labelled as such
+    # What masks generated images for MDINO/MCLIP-I: "" = ingest.mask.method, else a
+    # weight-based segmenter as `package.module:factory` (ingest's plug-in form).
+    masker: str = added("", neutral="")
 
 
 class VersioningConfig(_Section):

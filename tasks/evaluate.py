@@ -9,7 +9,7 @@ from prefect import task
 from subjectflow.catalog.layout import MODELS_DIR
 from subjectflow.config import Config
 from subjectflow.evaluation.evaluate import Evaluation, EvaluationPlan, evaluate, plan_evaluations
-from subjectflow.evaluation.metrics import ingest_masker
+from subjectflow.evaluation.metrics import generated_masker
 from subjectflow.evaluation.scorers import load_scorers
 from tasks.tune import device_slot, method_context
 
@@ -25,4 +25,4 @@ def evaluate_task(catalog_root: Path, job: Evaluation, config: Config) -> list[d
     with device_slot(config) as placed:
         ctx = method_context(catalog_root, placed)
         scorers = load_scorers(placed.evaluate, device=ctx.parts.unet.device, models_dir=ctx.catalog.root / MODELS_DIR)
-        return evaluate(ctx, job, scorers, ingest_masker(placed.ingest.mask))
+        return evaluate(ctx, job, scorers, generated_masker(placed.evaluate.masker, placed.ingest.mask))

@@ -291,8 +291,9 @@ METRICS = TableSpec(
         pa.field("protocol", pa.string(), nullable=True),
         pa.field("prompt_count", pa.int32(), nullable=True),
         pa.field("images_per_prompt", pa.int32(), nullable=True),
+        pa.field("masker", pa.string(), nullable=True),  # what masked the generated images (MDINO, MCLIP-I)
     ),
-    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2)),
+    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2), ("masker", 2)),
 )
 
 # Per-prompt values of every evaluation (join `metrics` on evaluation_id for the rest), so

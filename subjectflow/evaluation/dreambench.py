@@ -108,12 +108,14 @@ def method_table(metrics: list[dict]) -> str:
     """Per method, the mean over every scored image of all its subjects (each subject's value
     weighted by the images it scored, which for masked metrics excludes empty masks), as the
     papers' tables print it, with the share of generated images whose mask came out empty
-    beside MDINO. One base model and one scorer per metric: rows that mix are refused.
+    beside MDINO, which is titled with its masker. One base model, and one scorer and masker
+    per metric: rows that mix are refused.
     Scores from a random-test or proxy scorer are flagged in the last column."""
-    for what, key in (("base models", "base_model"), ("scorers", "scorer")):
+    for what, key in (("base models", "base_model"), ("scorers", "scorer"), ("maskers", "masker")):
         by_metric: dict[str, set[str]] = defaultdict(set)
         for row in metrics:
-            by_metric[row["metric"] if key == "scorer" else ""].add(row[key])
+            if row.get(key):
+                by_metric[row["metric"] if key == "scorer" else ""].add(row[key])
         mixed = {metric: sorted(values) for metric, values in by_metric.items() if len(values) > 1}
         if mixed:
             raise ValueError(f"these scores mix {what} ({mixed}); a table holds one of each, so "
@@ -125,13 +127,16 @@ def method_table(metrics: list[dict]) -> str:
         total[0] += row["value"] * row["n_images"]
         total[1] += row["n_images"]
         kinds[row["method"]].add(row["scorer_kind"])
-    header = (f"| {'method':<10} | " + " | ".join(f"{title:>6}" for _, title in COLUMNS)
+    masker = next((r["masker"] for r in metrics if r.get("masker")), None)
+    titles = [f"{title} ({masker})" if m == "mdino" and masker else title for m, title in COLUMNS]
+    widths = [max(6, len(title)) for title in titles]
+    header = (f"| {'method':<10} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))
               + " | empty masks | subjects | scorer |")
-    lines = [header, "|" + "|".join("-" * (len(cell) + 2) for cell in header.strip("|").split("|")[:-1]) + "|"]
+    lines = [header, "|" + "|".join("-" * len(cell) for cell in header.strip("|").split("|")) + "|"]
     for method in sorted(sums):
         values = sums[method]
-        cells = [f"{values[m][0] / values[m][1]:>6.3f}" if values.get(m, [0, 0])[1] else f"{'-':>6}"
-                 for m, _ in COLUMNS]
+        cells = [f"{values[m][0] / values[m][1]:>{w}.3f}" if values.get(m, [0, 0])[1] else f"{'-':>{w}}"
+                 for (m, _), w in zip(COLUMNS, widths)]
         generated, masked = values.get("dino", [0, 0])[1], values.get("mdino", [0, 0])[1]
         empty = f"{1 - masked / generated:>11.0%}" if generated else f"{'-':>11}"
         subjects = len({r["subject_id"] for r in metrics if r["method"] == method})

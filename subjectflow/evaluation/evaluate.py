@@ -24,7 +24,7 @@ from ..methods.base import Artefacts, Context
 from ..progress import progress
 from ..training.subjects import Subject, load_subjects
 from .dreambench import read_prompt_file
-from .metrics import MaskFn, score_subject
+from .metrics import Masker, score_subject
 from .prompts import PromptSet, evaluation_prompts
 from .scorers import Scorers, scorer_names
 
@@ -104,7 +104,7 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
     return plan
 
 
-def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, mask_fn: MaskFn) -> list[dict]:
+def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, masker: Masker) -> list[dict]:
     """Generate the prompt set with the job's model, score it, record the `metrics` rows."""
     catalog, config = ctx.catalog, ctx.config
     prompts = prompt_set(config, job.subject)
@@ -122,14 +122,14 @@ def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, mask_fn: MaskFn) -
             shown.update(1)
     references = [Image.open(catalog.blob_path(r["normalised_file"])).convert("RGB") for r in subject.images]
     masks = [Image.open(catalog.blob_path(r["mask_file"])).convert("L") for r in subject.images]
-    scores = score_subject(generated, references, masks, subject.class_name, scorers, mask_fn)
+    scores = score_subject(generated, references, masks, subject.class_name, scorers, masker.fn)
     now = utcnow()
     rows = [{"evaluation_id": job.evaluation_id, "subject_id": subject.subject_id, "method": job.method,
              "model_ref": job.model_ref, "base_model": ctx.base, "metric": s.metric, "value": s.value,
              "prompt_set": prompts.name, "seeds": seeds(config), "n_images": s.n_images, "scorer": s.scorer,
              "scorer_kind": s.scorer_kind, "catalog_version": job.catalog_version, "evaluated_at": now,
              "protocol": config.evaluate.protocol or None, "prompt_count": len(prompts.prompts),
-             "images_per_prompt": n}
+             "images_per_prompt": n, "masker": masker.name}
             for s in scores if s.prompt is None]  # the subject's overall values (the metrics key)
     per_prompt = [{"evaluation_id": job.evaluation_id, "subject_id": subject.subject_id, "method": job.method,
                    "metric": s.metric, "prompt": s.prompt, "value": s.value, "n_images": s.n_images}

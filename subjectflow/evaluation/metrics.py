@@ -49,12 +49,25 @@ class Score:
     n_images: int  # generated images that went into the value
 
 
+@dataclass(frozen=True)
+class Masker:
+    name: str  # "grabcut", or the `package.module:factory` of a weight-based segmenter
+    fn: MaskFn
+
+
 def ingest_masker(config: MaskConfig | None = None) -> MaskFn:
     """The ingest stage's segmenter (GrabCut by default) as a `mask_fn` for generated images."""
     from ..ingest.masks import subject_mask
 
     mask_config = config or MaskConfig()
     return lambda image: subject_mask(image.convert("RGB"), mask_config)[0]
+
+
+def generated_masker(masker: str, mask: MaskConfig) -> Masker:
+    """`evaluate.masker` for generated images ("" = ingest's own segmenter), run at
+    ingest's mask size; a plug-in is loaded as ingest loads one."""
+    config = mask.model_copy(update={"method": masker}) if masker else mask
+    return Masker(config.method, ingest_masker(config))
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -226,3 +226,14 @@ def test_evaluation_is_a_plain_library():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 imported.add(node.module.split(".")[0])
     assert not imported & {"prefect", "dvc", "flows", "tasks"}
+
+
+def test_generated_images_can_be_masked_by_a_plug_in_segmenter_named_in_the_scores():
+    from subjectflow.config import MaskConfig
+    from subjectflow.evaluation.metrics import generated_masker
+
+    ingest_default = generated_masker("", MaskConfig(size=32))
+    plug_in = generated_masker("tests.ingest.test_pipeline:half_frame", MaskConfig(size=32))
+    assert (ingest_default.name, plug_in.name) == ("grabcut", "tests.ingest.test_pipeline:half_frame")
+    mask = np.asarray(plug_in.fn(product())) >= 128
+    assert mask[:, : mask.shape[1] // 2].all() and not mask[:, mask.shape[1] // 2 + 1:].any()

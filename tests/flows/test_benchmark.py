@@ -43,9 +43,10 @@ def test_the_method_table_weights_by_scored_images_and_shows_empty_masks():
     assert "50%" in last and "random-test" in last  # 4 of 8 generated images had an empty mask
 
 
-@pytest.mark.parametrize("field,value", [("base_model", "sd15@2"), ("scorer", "dino@y")])
-def test_a_table_refuses_to_mix_base_models_or_scorers(field, value):
-    rows = [_row("sfo", "dino", 0.5, 4, "a"), {**_row("sfo", "dino", 0.8, 4, "b"), field: value}]
+@pytest.mark.parametrize("field,value", [("base_model", "sd15@2"), ("scorer", "dino@y"), ("masker", "sam:make")])
+def test_a_table_refuses_to_mix_base_models_scorers_or_maskers(field, value):
+    rows = [{**_row("sfo", "mdino", 0.5, 4, "a"), "masker": "grabcut"},
+            {**_row("sfo", "mdino", 0.8, 4, "b"), "masker": "grabcut", field: value}]
     with pytest.raises(ValueError, match="mix"):
         method_table(rows)
 
@@ -66,8 +67,9 @@ def test_a_quick_benchmark_is_labelled_a_subset_and_pins_the_protocol(dreambench
                  "--catalog", str(catalog.root)]) == 0
     out = capfd.readouterr().out
     assert "DreamBench-subset: 5 of 25 prompts x 1 of 4 images" in out and "\nDreamBench:" not in out
-    header, _, row = out.split("| method")[1].splitlines()[:3]
-    assert all(title in header for title in ("DINO", "CLIP-I", "CLIP-T", "MDINO", "empty masks"))
+    header, rule, row = out.split("| method")[1].splitlines()[:3]
+    assert all(title in header for title in ("DINO", "CLIP-I", "CLIP-T", "MDINO (grabcut)", "empty masks"))
+    assert len("| method" + header) == len(rule)  # the rule lines up with the header
     assert row.startswith("| sft") and "random-test" in row and "|        2 |" in row
     metrics = catalog.read("metrics").to_pylist()
     assert {(m["protocol"], m["prompt_count"], m["images_per_prompt"]) for m in metrics} == {("DreamBench-subset", 5, 1)}
