@@ -12,6 +12,7 @@ from flows.tune import wait_all
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
+from subjectflow.training.subjects import IN_CATALOG
 from tasks.evaluate import evaluate_task, plan_evaluations_task
 from tasks.tune import device_slots, device_task_runner, ensure_gpu_limit_task
 
@@ -30,7 +31,10 @@ class EvaluateRun:
         for label, rows in self.scored.items():
             flagged = {r["scorer_kind"] for r in rows} - {"pretrained"}
             flag = f"  [{', '.join(sorted(flagged))} scorer]" if flagged else ""
-            lines.append(f"  {label}: " + ", ".join(f"{r['metric']} {r['value']:.3f}" for r in rows) + flag)
+            # A shared model scored on a subject it trained on: never to be read as zero-shot.
+            seen = "  [in-catalog: the shared model trained on this subject]" if any(
+                r.get("split") == IN_CATALOG for r in rows) else ""
+            lines.append(f"  {label}: " + ", ".join(f"{r['metric']} {r['value']:.3f}" for r in rows) + flag + seen)
         lines += [f"  FAILED {label}: {why}" for label, why in self.failures.items()]
         return "\n".join(lines)
 

@@ -206,6 +206,9 @@ class JointConfig(_Section):
     """The JeDi joint-image model: training (on joint sets) and set-completion sampling."""
 
     enabled: bool = True  # train it in the `tune` stage and the refresh
+    # Subjects the shared models (JeDi, zero-shot SFO) never train on, so scores on them are
+    # zero-shot: names or ids, or a fraction drawn per subject (seeded by jointsets.seed).
+    holdout: tuple[str, ...] | Annotated[float, Field(ge=0, le=1)] = added((), neutral=())
     weights: Literal["lora", "unet"] = "lora"
     lora_rank: int = Field(16, ge=1)
     steps: int = Field(1000, ge=1)

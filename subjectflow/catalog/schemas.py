@@ -292,8 +292,11 @@ METRICS = TableSpec(
         pa.field("prompt_count", pa.int32(), nullable=True),
         pa.field("images_per_prompt", pa.int32(), nullable=True),
         pa.field("masker", pa.string(), nullable=True),  # what masked the generated images (MDINO, MCLIP-I)
+        # For a model shared across subjects: "heldout" (it never trained on this subject:
+        # zero-shot) or "in-catalog" (it did); null for a per-subject model.
+        pa.field("split", pa.string(), nullable=True),
     ),
-    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2), ("masker", 2)),
+    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2), ("masker", 2), ("split", 2)),
 )
 
 # Per-prompt values of every evaluation (join `metrics` on evaluation_id for the rest), so

@@ -15,6 +15,7 @@ from html import escape
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..catalog import CatalogVersion
+from ..training.subjects import IN_CATALOG
 from .plots import fmt, line_plot
 
 STYLESHEET = "style.css"
@@ -269,7 +270,10 @@ def scores_section(scores: Mapping[str, Mapping[str, dict]]) -> str:
             flag = scorer_flag(row["scorer_kind"]) if row else ""
             cells.append("" if row is None else f'<span class="{"flagged" if flag else ""}" '
                          f'title="{esc(row["scorer"])}">{fmt(row["value"])}</span>{flag}')
-        rows.append((f"<b>{esc(method)}</b>", "unversioned" if version is None else f"v{version}", *cells))
+        seen = any(r.get("split") == IN_CATALOG for r in by_metric.values())
+        badge = ' <span class="flagged" title="the shared model trained on this subject: not zero-shot">in-catalog</span>'
+        rows.append((f"<b>{esc(method)}</b>{badge if seen else ''}", "unversioned" if version is None else f"v{version}",
+                     *cells))
     scored = table(("method", "version", *map(esc, metrics)), rows, "scores") if rows else ""
     return section("scores", "Scores (latest version per method)", scored, "scores")
 

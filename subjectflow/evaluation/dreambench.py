@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.sampling import SUBJECT_PLACEHOLDER
+from ..training.subjects import IN_CATALOG
 
 _FORMAT_LINE = re.compile(r"""^\s*['"](?P<template>.*\{0\} \{1\}.*)['"]\.format\(unique_token, class_token\),?\s*$""")
 OBJECT, LIVE, ALL = "object", "live", "all"
@@ -110,7 +111,8 @@ def method_table(metrics: list[dict]) -> str:
     papers' tables print it, with the share of generated images whose mask came out empty
     beside MDINO, which is titled with its masker. One base model, and one scorer and masker
     per metric: rows that mix are refused.
-    Scores from a random-test or proxy scorer are flagged in the last column."""
+    Scores from a random-test or proxy scorer are flagged in the last column, and a shared
+    model's scores on subjects it trained on get their own `(in-catalog)` row."""
     for what, key in (("base models", "base_model"), ("scorers", "scorer"), ("maskers", "masker")):
         by_metric: dict[str, set[str]] = defaultdict(set)
         for row in metrics:
@@ -122,15 +124,20 @@ def method_table(metrics: list[dict]) -> str:
                              f"evaluate again with one setting, or query the metrics table per {key}")
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     kinds: dict[str, set[str]] = defaultdict(set)
+    subjects: dict[str, set[str]] = defaultdict(set)
     for row in metrics:
-        total = sums[row["method"]][row["metric"]]
+        # A shared model's scores on subjects it trained on are a row of their own, never zero-shot.
+        label = f"{row['method']} (in-catalog)" if row.get("split") == IN_CATALOG else row["method"]
+        total = sums[label][row["metric"]]
         total[0] += row["value"] * row["n_images"]
         total[1] += row["n_images"]
-        kinds[row["method"]].add(row["scorer_kind"])
+        kinds[label].add(row["scorer_kind"])
+        subjects[label].add(row["subject_id"])
     masker = next((r["masker"] for r in metrics if r.get("masker")), None)
     titles = [f"{title} ({masker})" if m == "mdino" and masker else title for m, title in COLUMNS]
     widths = [max(6, len(title)) for title in titles]
-    header = (f"| {'method':<10} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))
+    name = max([10, *map(len, sums)])
+    header = (f"| {'method':<{name}} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))
               + " | empty masks | subjects | scorer |")
     lines = [header, "|" + "|".join("-" * len(cell) for cell in header.strip("|").split("|")) + "|"]
     for method in sorted(sums):
@@ -139,7 +146,6 @@ def method_table(metrics: list[dict]) -> str:
                  for (m, _), w in zip(COLUMNS, widths)]
         generated, masked = values.get("dino", [0, 0])[1], values.get("mdino", [0, 0])[1]
         empty = f"{1 - masked / generated:>11.0%}" if generated else f"{'-':>11}"
-        subjects = len({r["subject_id"] for r in metrics if r["method"] == method})
         flag = ", ".join(sorted(kinds[method] - {"pretrained"})) or "pretrained"
-        lines.append(f"| {method:<10} | " + " | ".join(cells) + f" | {empty} | {subjects:>8} | {flag} |")
+        lines.append(f"| {method:<{name}} | " + " | ".join(cells) + f" | {empty} | {len(subjects[method]):>8} | {flag} |")
     return "\n".join(lines)

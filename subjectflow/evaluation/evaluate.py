@@ -22,7 +22,7 @@ from ..config import Config, stable_hash
 from ..methods import registry
 from ..methods.base import Artefacts, Context
 from ..progress import progress
-from ..training.subjects import Subject, load_subjects
+from ..training.subjects import HELDOUT, IN_CATALOG, Subject, load_subjects
 from .dreambench import read_prompt_file
 from .metrics import Masker, score_subject
 from .prompts import PromptSet, evaluation_prompts
@@ -36,6 +36,7 @@ class Evaluation:
     evaluation_id: str
     catalog_version: int | None  # the version the model was trained on
     artefacts: Artefacts  # the rows it samples with (its own and what it stacks on)
+    split: str | None = None  # a shared model's: heldout (zero-shot) or in-catalog; None per subject
 
 
 @dataclass
@@ -84,6 +85,7 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
             tables.setdefault(table.name, {r[table.key[0]]: r for r in catalog.read(table.name).to_pylist()})
     plan = EvaluationPlan([], [], [])
     settings = _settings(config, catalog.root / MODELS_DIR)
+    trained: dict[str, set[str] | None] = {}  # per shared method, the subjects its model saw
     for subject in load_subjects(catalog, subjects or None):
         prompts = prompt_set(config, subject)
         for method in methods:
@@ -99,8 +101,11 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
                                          seeds(config), settings] + ([extra] if extra is not None else []))
             if evaluation_id in evaluated:
                 plan.done.append(label)
-            else:
-                plan.todo.append(Evaluation(subject, method, ref, evaluation_id, row["trained_on_version"], rows))
+                continue
+            if method not in trained:
+                trained[method] = registry.get(method).trained_on(ctx)
+            split = None if trained[method] is None else IN_CATALOG if subject.subject_id in trained[method] else HELDOUT
+            plan.todo.append(Evaluation(subject, method, ref, evaluation_id, row["trained_on_version"], rows, split))
     return plan
 
 
@@ -129,7 +134,7 @@ def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, masker: Masker) ->
              "prompt_set": prompts.name, "seeds": seeds(config), "n_images": s.n_images, "scorer": s.scorer,
              "scorer_kind": s.scorer_kind, "catalog_version": job.catalog_version, "evaluated_at": now,
              "protocol": config.evaluate.protocol or None, "prompt_count": len(prompts.prompts),
-             "images_per_prompt": n, "masker": masker.name}
+             "images_per_prompt": n, "masker": masker.name, "split": job.split}
             for s in scores if s.prompt is None]  # the subject's overall values (the metrics key)
     per_prompt = [{"evaluation_id": job.evaluation_id, "subject_id": subject.subject_id, "method": job.method,
                    "metric": s.metric, "prompt": s.prompt, "value": s.value, "n_images": s.n_images}

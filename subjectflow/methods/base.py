@@ -100,6 +100,11 @@ class Method:
         """(file name, row) of every weight file one needs to use it, base-most first."""
         return [(f"{self.name}.safetensors", artefacts[self.name])]
 
+    def trained_on(self, ctx: Context) -> set[str] | None:
+        """For a shared method, the ids of the subjects its current artefact trained on (a
+        score on one of them is not zero-shot); None for a per-subject method."""
+        return None
+
     def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]] | None:
         """(trigger words, LoRA rows base-most first) when plain txt2img with those LoRAs
         stacked is the method's whole sampler, so it exports as one diffusers LoRA."""

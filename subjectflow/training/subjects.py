@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..catalog import Catalog
 from ..catalog.schemas import IMAGES, SUBJECTS
 from ..catalog.store import CatalogError
-from ..config import stable_hash
+from ..config import Config, stable_hash
 
 
 class TuningError(CatalogError):
@@ -54,3 +54,21 @@ def load_subjects(catalog: Catalog, names: list[str] | None = None) -> list[Subj
         if photos:  # a subject whose photos were all quarantined has nothing to train on
             subjects.append(Subject(row["subject_id"], row["name"], row["class_name"], tuple(photos)))
     return subjects
+
+
+TRAIN, HELDOUT, IN_CATALOG = "train", "heldout", "in-catalog"
+
+
+def is_heldout(subject: Subject, holdout: tuple[str, ...] | float, seed: int) -> bool:
+    """Whether a model shared across subjects must not train on `subject` (`joint.holdout`):
+    listed by name or id, or drawn with probability `holdout` from a hash of (seed, id), so a
+    subject's split never changes when others are added."""
+    if isinstance(holdout, float):
+        draw = int(stable_hash(["holdout", seed, subject.subject_id]), 16) / 16 ** 16
+        return draw < holdout
+    return subject.name in holdout or subject.subject_id in holdout
+
+
+def training_subjects(catalog: Catalog, config: Config) -> list[Subject]:
+    """The subjects shared models train on: every subject with photos but the held-out ones."""
+    return [s for s in load_subjects(catalog) if not is_heldout(s, config.joint.holdout, config.jointsets.seed)]

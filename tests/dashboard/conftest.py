@@ -135,6 +135,7 @@ def filled_catalog(catalog: Catalog) -> Filled:
                    for sid in ("teapot", "tom_and_jerry") for method in ("sft", "sfo")
                    for metric in ("dino", "clip_t") for version in (1, 2, 3)]
         metrics.append(metric_row("teapot", "sfo", "clip_i", 0.123, 3, kind="random-test"))
+        metrics.append({**metric_row("vase", "jedi", "dino", 0.61, 3), "split": "in-catalog"})  # the shared model saw vase
         upsert(catalog, "metrics", metrics)
         upsert(catalog, "prompt_metrics", [  # teapot/sfo per prompt: the latest evaluation and an old one
             {"evaluation_id": f"teapot-sfo-{version}", "subject_id": "teapot", "method": "sfo", "metric": "dino",

@@ -109,6 +109,12 @@ def test_a_subject_page_lists_the_weakest_prompts_of_the_latest_evaluation(fille
     assert "under the sea" not in page  # an older evaluation's prompts are not today's
 
 
+def test_a_shared_models_score_on_a_subject_it_trained_on_is_badged_in_catalog(filled_catalog, tmp_path):
+    build_dashboard(filled_catalog.catalog, tmp_path / "site")
+    assert "in-catalog</span>" in (tmp_path / "site" / subject_href("vase")).read_text()
+    assert "in-catalog</span>" not in (tmp_path / "site" / subject_href("teapot")).read_text()
+
+
 def test_missing_and_unreadable_blobs_become_placeholders_and_are_reported(filled_catalog, tmp_path):
     catalog = filled_catalog.catalog
     negative = catalog.read("negatives").to_pylist()[0]["file"]

@@ -15,10 +15,10 @@ from diffusers import UNet2DConditionModel
 
 from ...catalog.schemas import MODELS
 from ...config import Config
-from ...training.subjects import Subject, TuningError
+from ...training.subjects import Subject, TuningError, training_subjects
 from ..base import Artefacts, Context, Method
 from .completion import jedi_negative_plan, make_jedi_negatives, sample_by_completion
-from .model import JEDI, joint_model_id, train_joint
+from .model import JEDI, current_sets, joint_model_id, train_joint
 from .zero_shot_sfo import sfo_joint_id, train_sfo_joint
 
 
@@ -54,6 +54,9 @@ class Jedi(Method):
         return sample_by_completion(ctx.catalog, ctx.config, ctx.parts, ctx.base, prompt, n, _named(subject, self),
                                     artefacts[JEDI], self.name, references)
 
+    def trained_on(self, ctx: Context) -> set[str] | None:
+        return {r["subject_id"] for r in current_sets(ctx.catalog, ctx.config)}
+
     def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]] | None:
         rows = [row for _, row in self.weights(artefacts)]
         return (subject.class_name if subject else "", rows) if artefacts[JEDI]["weights"] == "lora" else None
@@ -81,6 +84,10 @@ class JediSfo(Jedi):
     makes_negatives = True
     steps_setting = "sfo.steps"
     usage = USAGE.format(method="jedi-sfo")
+
+    def trained_on(self, ctx: Context) -> set[str] | None:
+        # Its pairs come from every training subject; its parent saw those with joint sets.
+        return {s.subject_id for s in training_subjects(ctx.catalog, ctx.config)} | super().trained_on(ctx)
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return sfo_joint_id(ctx.catalog, ctx.config, ctx.base, needs[JEDI])

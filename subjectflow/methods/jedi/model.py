@@ -23,7 +23,7 @@ from ...training.artefacts import autocast_dtype, record_trained
 from ...training.data import encode_latents, encode_prompt, image_tensor
 from ...training.diffusion import Metrics, denoising_loss, denoising_target, unet_eps
 from ...training.loop import train
-from ...training.subjects import TuningError
+from ...training.subjects import TuningError, training_subjects
 from ..base import Context
 from .attention import coupled
 
@@ -31,16 +31,23 @@ JEDI = "jedi"
 
 
 def current_sets(catalog: Catalog, config: Config) -> list[dict]:
-    """`jointsets` rows of the configured set size (one training run needs one layout)."""
+    """`jointsets` rows of the configured set size (one training run needs one layout), of
+    the subjects not held out (`joint.holdout`)."""
     rows = [r for r in catalog.read(JOINTSETS.name).to_pylist() if r["set_size"] == config.jointsets.set_size]
+    if config.joint.holdout:
+        training = {s.subject_id for s in training_subjects(catalog, config)}
+        rows = [r for r in rows if r["subject_id"] in training]
     if not rows:
-        raise TuningError(f"catalog {catalog.root} has no joint sets of size {config.jointsets.set_size}; "
+        held = f" outside joint.holdout ({config.joint.holdout})" if config.joint.holdout else ""
+        raise TuningError(f"catalog {catalog.root} has no joint sets of size {config.jointsets.set_size}{held}; "
                           f"build them with `subjectflow jointsets --catalog {catalog.root}`")
     return sorted(rows, key=lambda r: (r["set_id"], r["member"]))
 
 
 def joint_params(config: Config, base: str) -> dict:
     joint = config.joint.model_dump(include={"weights", "lora_rank", "steps", "learning_rate", "sets_per_step"})
+    if config.joint.holdout:  # the split rule, recorded with the model (its sets already differ)
+        joint["holdout"] = config.joint.holdout
     return {"method": JEDI, "base": base, "joint": joint, "train": config.train.identity()}
 
 

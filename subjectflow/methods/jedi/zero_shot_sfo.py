@@ -14,7 +14,7 @@ from ...config import Config, stable_hash
 from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
 from ...training.artefacts import autocast_dtype, file_latents, record_trained
 from ...training.loop import train
-from ...training.subjects import TuningError, load_subjects
+from ...training.subjects import TuningError, training_subjects
 from ..base import Context
 from ..sfo.objective import SfoObjective
 from .attention import coupled
@@ -32,7 +32,7 @@ def sfo_joint_params(config: Config, base: str, parent: str) -> dict:
 def sfo_joint_id(catalog: Catalog, config: Config, base: str, joint_model_id: str) -> str:
     """Its params and the JeDi negatives it trains on: every subject's, planned (none is made)."""
     model = {"model_id": joint_model_id}
-    negative_ids = [nid for subject in load_subjects(catalog)
+    negative_ids = [nid for subject in training_subjects(catalog, config)
                     for nid, _, _ in jedi_negative_plan(subject, config, base, model)]
     return stable_hash([sfo_joint_params(config, base, joint_model_id), sorted(negative_ids)])
 
@@ -45,7 +45,7 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
     if model["weights"] != "lora":
         raise TuningError("zero-shot SFO needs a LoRA joint model (joint.weights: lora) as its frozen reference")
     positives, negatives, contexts, captions, negative_ids = [], [], [], [], []
-    for subject in load_subjects(catalog):
+    for subject in training_subjects(catalog, config):
         made = make_jedi_negatives(catalog, subject, config, parts, base, model)
         files = {r["image_id"]: r["normalised_file"] for r in subject.images}
         order = [r["image_id"] for r in subject.images]
