@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="catalog for the run (default: .benchmark/dreambench, created if missing)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 5 prompts x 1 image per subject, labelled DreamBench-subset (the protocol: "
-                        "25 prompts x 4 images, JeDi with 1 reference)")
+                        "25 prompts x 4 images, 1 reference photo)")
 
     p = command("jointsets", cmd_jointsets,
                 "build joint-image sets (augmented photos, optional synthetic collages) as sharded Parquet")

@@ -172,11 +172,13 @@ class AugmentConfig(_Section):
 
     background: float = Field(0.5, ge=0, le=1)  # chance the background is replaced (via the mask)
     min_crop: float = Field(0.75, gt=0, le=1)  # smallest crop side, as a fraction of the photo
-    flip: bool = True
-    brightness: float = Field(0.2, ge=0, le=1)  # colour jitter: factor drawn from 1 +/- this
-    contrast: float = Field(0.2, ge=0, le=1)
-    saturation: float = Field(0.2, ge=0, le=1)
-    hue: float = Field(0.02, ge=0, le=0.5)  # fraction of the hue circle
+    # A product's colour and its printed labels are its identity: no mirroring, and colour
+    # jitter near zero by default (lighting-like brightness/contrast only).
+    flip: bool = False
+    brightness: float = Field(0.05, ge=0, le=1)  # colour jitter: factor drawn from 1 +/- this
+    contrast: float = Field(0.05, ge=0, le=1)
+    saturation: float = Field(0.0, ge=0, le=1)
+    hue: float = Field(0.0, ge=0, le=0.5)  # fraction of the hue circle
 
 
 class SyntheticSetsConfig(_Section):
@@ -214,9 +216,15 @@ class JointConfig(_Section):
     steps: int = Field(1000, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     sets_per_step: int = Field(1, ge=1)
-    # Reference slots at sampling: "noised" re-noises the reference latents to the current t
-    # (inpainting style, what the model saw in training); "clean" keeps them at t=0.
-    references: Literal["noised", "clean"] = "noised"
+    # Trained as it is sampled (our choice, METHODS.md section 2): per set a random 1..N-1
+    # members are clean known references with the loss on the rest; a noisy member's caption
+    # is dropped, or a step trains single images with empty text, at these rates.
+    known_references: bool = added(True, neutral=False)
+    caption_dropout: float = added(0.1, neutral=0.0, ge=0, le=1)
+    reference_dropout: float = added(0.1, neutral=0.0, ge=0, le=1)
+    # Reference slots at sampling: "clean" keeps the reference latents at t=0 (as training
+    # shows them); "noised" re-noises them to the current t (inpainting style).
+    references: Literal["noised", "clean"] = "clean"
     max_references: int = Field(3, ge=1)
     image_guidance: float = Field(2.0, ge=0)  # s_I
     text_guidance: float = Field(7.5, ge=0)  # s_T

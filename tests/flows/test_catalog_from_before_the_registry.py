@@ -18,7 +18,10 @@ from tests.training.conftest import TINY, tiny_config
 BEFORE = "951914a"  # main before `subjectflow.methods.registry`
 # Settings added since, at the values that behave as that code did (`config.added`), and
 # defaults changed since, at that code's default.
-SINCE = {"train": {"max_grad_norm": 0.0}, "sfo": {"batch_size": None}, "sft": {"class_images": 8}}
+SINCE = {"train": {"max_grad_norm": 0.0}, "sfo": {"batch_size": None}, "sft": {"class_images": 8},
+         "joint": {"known_references": False, "caption_dropout": 0.0, "reference_dropout": 0.0,
+                   "references": "noised"},
+         "jointsets": {"augment": {"flip": True, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}}}
 
 # What that release's refresh did, stage by stage, without Prefect: ingest, joint sets,
 # SFT + SFO per subject, the joint model, then every evaluation its plan listed.

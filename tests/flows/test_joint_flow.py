@@ -45,7 +45,7 @@ def test_jointsets_tune_jedi_and_generate_with_references(tmp_path, capfd):
     assert len(samples) == 2 and {s["prompt"] for s in samples} == {"a mug on the beach"}
     settings = json.loads(samples[0]["params"])
     assert samples[0]["model_id"] == models[0]["model_id"] and samples[0]["method"] == "jedi"
-    assert len(settings["references"]) == 2 and settings["reference_mode"] == "noised"
+    assert len(settings["references"]) == 2 and settings["reference_mode"] == "clean"
     assert settings["image_guidance"] == 2.0 and settings["text_guidance"] == 7.5
 
     assert cli("negatives", "--method", "jedi-sfo", "--subject", "red_mug") == 0
@@ -95,11 +95,13 @@ def test_joint_training_keeps_one_text_embedding_per_distinct_caption(tmp_path):
     build_jointsets(catalog, config.jointsets, say=lambda _: None)
     parts, _ = open_model(catalog, config)
     rows = current_sets(catalog, config)
-    latents, captions, set_captions = encode_sets(catalog, parts, rows, 32)
+    encoded = encode_sets(catalog, parts, rows, 32)
+    latents, captions, set_captions = encoded.latents, encoded.captions, encoded.set_captions
 
     sets = sorted(read_sets(catalog, sorted({r["shard"] for r in rows})), key=lambda s: s.set_id)
     assert latents.shape[:2] == set_captions.shape == (len(sets), config.jointsets.set_size)
-    assert captions.shape[0] == len({c for s in sets for c in s.captions}) < set_captions.numel()
+    assert captions.shape[0] - 1 == len({c for s in sets for c in s.captions}) < set_captions.numel()
+    torch.testing.assert_close(captions[encoded.null_caption], encode_prompt(parts.tokenizer, parts.text_encoder, "")[0])
     for members, indices in zip(sets, set_captions):
         for caption, i in zip(members.captions, indices):
             torch.testing.assert_close(captions[i], encode_prompt(parts.tokenizer, parts.text_encoder, caption)[0])

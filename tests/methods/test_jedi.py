@@ -221,3 +221,59 @@ def test_clean_and_noised_reference_slots_differ_and_bad_modes_are_refused(pipe)
     assert max_diff(complete(pipe, refs, mode="clean"), complete(pipe, refs, mode="noised")) > 1e-4
     with pytest.raises(ValueError, match="reference_mode"):
         complete(pipe, refs, mode="sharp")
+
+
+def test_joint_training_shows_clean_known_references_and_drops_captions_and_references(unet):
+    """Each step is a set-completion problem: 1..N-1 clean known members at t=0 and no loss
+    on them, noisy members' captions sometimes empty, and some steps single images alone."""
+    from diffusers import DDPMScheduler
+
+    from subjectflow.methods.jedi.attention import coupled
+    from subjectflow.methods.jedi.model import JointObjective
+
+    g = torch.Generator().manual_seed(0)
+    sets, size = 4, 3
+    latents = torch.randn(sets, size, 4, 8, 8, generator=g)
+    captions = torch.randn(3, 77, unet.config.cross_attention_dim, generator=g)  # two captions, then the empty one
+    seen = []
+    hook = unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0].clone(), args[1].clone(), kwargs["encoder_hidden_states"].clone(),
+                                              objective.processor.set_size)), with_kwargs=True)
+    objective = JointObjective(unet, DDPMScheduler(num_train_timesteps=1000), latents, captions,
+                               torch.zeros(sets, size, dtype=torch.long), [], adapter_name=None, null_caption=2,
+                               known_references=True, caption_dropout=0.5, reference_dropout=0.3)
+    try:
+        with coupled(unet, size) as objective.processor:
+            losses = [objective.loss(torch.Generator().manual_seed(i))[0] for i in range(40)]
+    finally:
+        hook.remove()
+    assert all(torch.isfinite(loss) for loss in losses)
+    alone = [s for s in seen if s[3] == 1]
+    assert 4 <= len(alone) <= 20  # ~30% of the steps
+    for noisy, t, states, set_size in alone:
+        assert noisy.shape[0] == 1 and torch.equal(states[0], captions[2])  # one image, empty text
+    dropped = 0
+    for noisy, t, states, set_size in (s for s in seen if s[3] == size):
+        clean = [i for i in range(size) if t[i] == 0 and any(torch.equal(noisy[i], x) for x in latents.flatten(0, 1))]
+        assert 1 <= len(clean) <= size - 1  # known references, exactly clean, never the whole set
+        assert all(not torch.equal(states[i], captions[2]) for i in clean)  # only noisy members lose their caption
+        dropped += sum(torch.equal(states[i], captions[2]) for i in range(size) if i not in clean)
+    assert dropped > 0
+
+
+def test_clean_references_reach_the_unet_unscaled_under_an_euler_scheduler(pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    refs = randn(2, 4, 16, 16, seed=5)
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    inputs = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
+    try:
+        complete_set(pipe.unet, euler, refs, embed(pipe, "a photo of a mug").expand(2, -1, -1),
+                     embed(pipe, "a mug on the beach"), embed(pipe, ""), 1, 3, 2.0, 5.0, "clean",
+                     torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    sets = [x for x in inputs if x.shape[0] == 2 * 3]  # [refs; new] twice per step
+    assert sets and all(torch.equal(x[:2], refs) and torch.equal(x[3:5], refs) for x in sets)
+    assert euler.init_noise_sigma > 1  # Euler scales its noisy inputs: the references must not be

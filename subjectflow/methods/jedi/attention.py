@@ -256,12 +256,13 @@ def complete_set(
 
     with coupled(unet, size) as processor:
         for t in scheduler.timesteps:
-            if reference_mode == "noised":
+            if reference_mode == "noised":  # every member at t, so every input is scaled for t
                 known = scheduler.add_noise(references, reference_noise, t.expand(k)) if k else references
+                members = scheduler.scale_model_input(torch.cat([known, latents]), t)
                 known_t = t
-            else:
-                known, known_t = references, torch.zeros_like(t)
-            members = scheduler.scale_model_input(torch.cat([known, latents]), t)
+            else:  # clean references are at t=0: only the noisy members are scaled (Euler, DPM)
+                members = torch.cat([references, scheduler.scale_model_input(latents, t)])
+                known_t = torch.zeros_like(t)
             member_t = torch.cat([known_t.expand(k), t.expand(n_new)]).repeat(2)
 
             processor.set_size = size

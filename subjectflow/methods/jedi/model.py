@@ -25,9 +25,10 @@ from ...training.diffusion import Metrics, denoising_loss, denoising_target, une
 from ...training.loop import train
 from ...training.subjects import TuningError, training_subjects
 from ..base import Context
-from .attention import coupled
+from .attention import CoupledSelfAttnProcessor, coupled
 
 JEDI = "jedi"
+NULL_CAPTION = ""  # the empty prompt: its embedding is the unconditional one
 
 
 def current_sets(catalog: Catalog, config: Config) -> list[dict]:
@@ -44,10 +45,14 @@ def current_sets(catalog: Catalog, config: Config) -> list[dict]:
     return sorted(rows, key=lambda r: (r["set_id"], r["member"]))
 
 
+# The joint settings that shape training (the rest shape sampling); `holdout` is the split
+# rule, recorded with the model although its sets already differ.
+TRAINING_SETTINGS = ("weights", "lora_rank", "steps", "learning_rate", "sets_per_step", "holdout",
+                     "known_references", "caption_dropout", "reference_dropout")
+
+
 def joint_params(config: Config, base: str) -> dict:
-    joint = config.joint.model_dump(include={"weights", "lora_rank", "steps", "learning_rate", "sets_per_step"})
-    if config.joint.holdout:  # the split rule, recorded with the model (its sets already differ)
-        joint["holdout"] = config.joint.holdout
+    joint = {k: v for k, v in config.joint.identity().items() if k in TRAINING_SETTINGS}
     return {"method": JEDI, "base": base, "joint": joint, "train": config.train.identity()}
 
 
@@ -72,8 +77,16 @@ def install_joint_model(catalog: Catalog, parts: ModelParts, row: dict) -> list[
 
 @dataclass
 class JointObjective:
-    """Noise prediction over whole sets: each set gets one t (the set is denoised jointly)
-    and its own noise per member; the loss averages over every member."""
+    """Noise prediction over whole sets, shown the conditions set completion samples under
+    (METHODS.md section 2; the rates are our choice, recorded in the model's params):
+    - per set, a random 1..N-1 members are known references, kept clean (timestep 0, as
+      `joint.references: clean` samples them), and the loss is on the other, noisy members;
+    - a noisy member's caption is dropped for the empty prompt with `caption_dropout`,
+      which trains e(z, refs, ∅);
+    - with `reference_dropout` a step trains single images with empty text instead, each set
+      reduced to one member alone: e(z, ∅, ∅).
+    All off, every member is noisy at the set's t and scored (the model before these settings).
+    """
 
     unet: torch.nn.Module  # coupled with set size = members per set
     scheduler: object
@@ -83,6 +96,11 @@ class JointObjective:
     trainable: list[torch.nn.Parameter]
     sets_per_step: int = 1
     adapter_name: str | None = JEDI  # None: the full UNet trains
+    null_caption: int = 0  # the index of the empty prompt in `captions`
+    known_references: bool = False
+    caption_dropout: float = 0.0
+    reference_dropout: float = 0.0
+    processor: CoupledSelfAttnProcessor | None = None  # the UNet's coupling, for sets reduced to one image
     _dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,18 +109,48 @@ class JointObjective:
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
 
+    def _draw(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=generator.device).to(self.set_latents.device)
+
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
         sets, members = self.set_latents.shape[:2]
-        index = torch.randint(0, sets, (self.sets_per_step,), generator=generator, device=generator.device)
-        index = index.to(self.set_latents.device)
-        x0 = self.set_latents[index].flatten(0, 1)  # [B*N, C, h, w], sets consecutive
-        embeds = self.captions[self.set_captions[index].flatten(0, 1)]  # [B*N, L, D]
+        b = self.sets_per_step
+        index = torch.randint(0, sets, (b,), generator=generator, device=generator.device).to(self.set_latents.device)
+        x0 = self.set_latents[index]  # [B, N, C, h, w]
+        caption = self.set_captions[index]  # [B, N]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        steps = int(self.scheduler.config.num_train_timesteps)
-        t = torch.randint(0, steps, (self.sets_per_step,), generator=generator, device=generator.device)
-        t = t.to(x0.device).repeat_interleave(members)
-        pred = unet_eps(self.unet, self._dtype, self.scheduler.add_noise(x0, noise, t), t, embeds)
-        return denoising_loss(pred, denoising_target(self.scheduler, x0, noise, t))
+        t = torch.randint(0, int(self.scheduler.config.num_train_timesteps), (b, 1), generator=generator,
+                          device=generator.device).to(x0.device).expand(b, members)
+        alone = self.reference_dropout > 0 and self._draw((1,), generator).item() < self.reference_dropout
+        if alone:  # one member per set, by itself, under the empty prompt
+            pick = torch.randint(0, members, (b,), generator=generator, device=generator.device).to(x0.device)
+            rows = torch.arange(b, device=x0.device)
+            x0, noise, t = x0[rows, pick, None], noise[rows, pick, None], t[:, :1]
+            caption = torch.full((b, 1), self.null_caption, device=x0.device)
+            known = torch.zeros((b, 1), dtype=torch.bool, device=x0.device)
+        else:
+            known = torch.zeros((b, members), dtype=torch.bool, device=x0.device)
+            if self.known_references:  # k in 1..N-1 known members, at random places in the set
+                k = torch.randint(1, members, (b, 1), generator=generator, device=generator.device).to(x0.device)
+                known = self._draw((b, members), generator).argsort(dim=1).argsort(dim=1) < k
+            if self.caption_dropout > 0:
+                dropped = (self._draw((b, members), generator) < self.caption_dropout) & ~known
+                caption = torch.where(dropped, torch.full_like(caption, self.null_caption), caption)
+            t = torch.where(known, torch.zeros_like(t), t)
+        x0, noise, t, known = x0.flatten(0, 1), noise.flatten(0, 1), t.flatten(), known.flatten()  # sets consecutive
+        mask = known.view(-1, *([1] * (x0.ndim - 1)))
+        noisy = torch.where(mask, x0, self.scheduler.add_noise(x0, noise, t))  # known members exactly clean
+        size = x0.shape[0] // b
+        previous = self.processor.set_size if self.processor is not None else size
+        if self.processor is not None:
+            self.processor.set_size = size
+        try:
+            pred = unet_eps(self.unet, self._dtype, noisy, t, self.captions[caption.flatten()])
+        finally:
+            if self.processor is not None:
+                self.processor.set_size = previous
+        scored = (~known).float()
+        return denoising_loss(pred, denoising_target(self.scheduler, x0, noise, t), weights=scored * len(scored) / scored.sum())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         if self.adapter_name is None:
@@ -121,10 +169,20 @@ def embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]
     return {c: encode_prompt(parts.tokenizer, parts.text_encoder, c)[0] for c in sorted(set(captions))}
 
 
-def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict],
-                resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stream the sets from their shards into latents [S, N, C, h, w], the distinct
-    captions' embeddings [U, L, D] and each member's caption index [S, N].
+@dataclass
+class EncodedSets:
+    latents: torch.Tensor  # [S, N, C, h, w]
+    captions: torch.Tensor  # [U + 1, L, D] the distinct captions' embeddings, then the empty prompt's
+    set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
+
+    @property
+    def null_caption(self) -> int:
+        return self.captions.shape[0] - 1
+
+
+def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict], resolution: int) -> EncodedSets:
+    """Stream the sets from their shards into latents, the distinct captions' embeddings
+    (and the empty prompt's, for caption dropout) and each member's caption index.
 
     Embeddings are kept once per caption, not per member: a subject's sets share a few
     captions, and [S, N, 77, 768] floats would be GBs at a thousand subjects.
@@ -133,12 +191,13 @@ def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict],
     sets.sort(key=lambda s: s.set_id)
     embedded = embed_all(parts, [c for s in sets for c in s.captions])
     position = {caption: i for i, caption in enumerate(embedded)}
-    captions = torch.stack(list(embedded.values()))
+    null = encode_prompt(parts.tokenizer, parts.text_encoder, NULL_CAPTION)[0]
+    captions = torch.stack([*embedded.values(), null])
     set_captions = torch.tensor([[position[c] for c in s.captions] for s in sets])
     latents = torch.stack([encode_latents(parts.vae, torch.stack([image_tensor(im, resolution) for im in s.images]))
                            for s in sets])
     device = parts.unet.device
-    return latents.to(device), captions.to(device), set_captions.to(device)
+    return EncodedSets(latents.to(device), captions.to(device), set_captions.to(device))
 
 
 def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
@@ -147,7 +206,7 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
     rows = current_sets(catalog, config)
     model_id = joint_model_id(catalog, config, base)
     cfg = config.joint
-    latents, captions, set_captions = encode_sets(catalog, parts, rows, config.train.resolution)
+    encoded = encode_sets(catalog, parts, rows, config.train.resolution)
     if config.train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
@@ -159,10 +218,12 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
         # mostly round away. The UNet goes back to its dtype once trained.
         parts.unet.float().requires_grad_(True)
         trainable = list(parts.unet.parameters())
-    objective = JointObjective(parts.unet, parts.noise_scheduler, latents, captions, set_captions, trainable,
-                               cfg.sets_per_step, JEDI if cfg.weights == "lora" else None)
+    objective = JointObjective(parts.unet, parts.noise_scheduler, encoded.latents, encoded.captions,
+                               encoded.set_captions, trainable, cfg.sets_per_step, JEDI if cfg.weights == "lora" else None,
+                               null_caption=encoded.null_caption, known_references=cfg.known_references,
+                               caption_dropout=cfg.caption_dropout, reference_dropout=cfg.reference_dropout)
     try:
-        with coupled(parts.unet, config.jointsets.set_size):
+        with coupled(parts.unet, config.jointsets.set_size) as objective.processor:
             result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, cfg.steps,
                            cfg.learning_rate, autocast, parts.unet.device, stop_after)
         if stop_after is not None and stop_after < cfg.steps:
