@@ -145,7 +145,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     catalog = Catalog.open(root) if (root / "catalog.json").exists() else init_catalog(root, load_config(), standalone=True)
     config = load_config(catalog.params_file, _overrides(args))
     protocol = QUICK if args.quick else Protocol()
-    run = dreambench_flow(str(data), str(catalog.root), args.method or list(config.evaluate.methods), config, protocol)
+    train_data = Path(args.train_data).resolve() if args.train_data else None
+    if train_data is not None and not train_data.is_dir():
+        raise ConfigError(f"--train-data {train_data} is not a folder; pass a photo folder of other subjects")
+    run = dreambench_flow(str(data), str(catalog.root), args.method or list(config.evaluate.methods), config, protocol,
+                          str(train_data) if train_data else None)
     print(run.table)
     print(f"\ncatalog {catalog.root}; dashboard {run.refresh.dashboard}")
     return 1 if run.refresh.record.failures else 0
@@ -350,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help=METHOD_HELP)
     p.add_argument("--catalog", metavar="PATH", default=None,
                    help="catalog for the run (default: .benchmark/dreambench, created if missing)")
+    p.add_argument("--train-data", metavar="DIR",
+                   help="photo folder of other subjects for the models shared across subjects to train on, so "
+                        "their scores are zero-shot (without it they train on the benchmark's subjects and say "
+                        "in-catalog)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 5 prompts x 1 image per subject, labelled DreamBench-subset (the protocol: "
                         "25 prompts x 4 images, 1 reference photo)")

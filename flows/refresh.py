@@ -112,7 +112,10 @@ def _artifacts(record: RunRecord, dashboard: Path | None) -> None:
 
 @flow(name="catalog-refresh", log_prints=True)
 def catalog_refresh(catalog: str = "catalog", source: str | None = None, config: Config | None = None,
-                    dashboard: str | None = None) -> RefreshRun:
+                    dashboard: str | None = None, subjects: list[str] | None = None) -> RefreshRun:
+    """Ingest, joint sets, tune, evaluate, version, dashboard. `subjects` limits the
+    per-subject tuning and the evaluation to those subjects (a shared model still trains on
+    every subject it is configured to)."""
     opened = Catalog.open(Path(catalog))
     root = str(opened.root)
     config = config_for(opened, config)
@@ -124,9 +127,9 @@ def catalog_refresh(catalog: str = "catalog", source: str | None = None, config:
     _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
            lambda run: _account_jointsets(record, run))
     for method in registry.targets(config, config.evaluate.methods):
-        _stage(record, f"tune {method}", lambda m=method: tune_flow(root, m, None, staged),
+        _stage(record, f"tune {method}", lambda m=method: tune_flow(root, m, subjects, staged),
                lambda run, m=method: _account_tune(record, m, run))
-    _stage(record, "evaluate", lambda: evaluate_flow(root, None, None, staged),
+    _stage(record, "evaluate", lambda: evaluate_flow(root, subjects, None, staged),
            lambda run: _account_evaluate(record, run))
 
     versions = list_versions(opened)

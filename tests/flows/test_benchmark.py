@@ -1,6 +1,7 @@
 """`subjectflow benchmark dreambench`: the protocol's prompt lists, its table, and a run on
 a small slice of the real DreamBench photo sets."""
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -51,32 +52,45 @@ def test_a_table_refuses_to_mix_base_models_scorers_or_maskers(field, value):
         method_table(rows)
 
 
-def test_a_quick_benchmark_is_labelled_a_subset_and_pins_the_protocol(dreambench, tmp_path, capfd):
-    data = tmp_path / "dreambench"
-    for subject in ("teapot", "can"):  # two subjects, two photos each
-        (data / subject).mkdir(parents=True)
+def _slice(dreambench, folder, subjects):
+    for subject in subjects:  # two photos each: the protocol, small
+        (folder / subject).mkdir(parents=True)
         for photo in sorted((dreambench / subject).glob("*.jpg"))[:2]:
-            shutil.copy(photo, data / subject / photo.name)
+            shutil.copy(photo, folder / subject / photo.name)
+    return folder
+
+
+def test_a_quick_benchmark_is_labelled_a_subset_pins_the_protocol_and_trains_shared_models_elsewhere(
+        dreambench, tmp_path, capfd):
+    data = _slice(dreambench, tmp_path / "dreambench", ("teapot", "can"))
     shutil.copy(dreambench / "prompts_and_classes.txt", data)
-    config = tiny_config(evaluate={"prompts": 2, "images_per_prompt": 2}, joint={"enabled": False},
-                         versioning={"push": False})  # params.yaml's evaluation settings do not count
-    catalog = init_catalog(tmp_path / "catalog", config)
+    train_data = _slice(dreambench, tmp_path / "other", ("clock",))
+    config = tiny_config(evaluate={"prompts": 2, "images_per_prompt": 2}, versioning={"push": False},
+                         jointsets={"resolution": 32, "sets_per_subject": 1}, joint={"steps": 2})
+    catalog = init_catalog(tmp_path / "catalog", config)  # params.yaml's evaluation settings do not count
     (catalog.root / "params.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
-    assert main(["benchmark", "dreambench", "--data", str(data), "--method", "sft", "--quick",
-                 "--catalog", str(catalog.root)]) == 0
+    assert main(["benchmark", "dreambench", "--data", str(data), "--method", "sft", "--method", "jedi", "--quick",
+                 "--train-data", str(train_data), "--catalog", str(catalog.root)]) == 0
     out = capfd.readouterr().out
+    subjects = {r["subject_id"]: r["name"] for r in catalog.read("subjects").to_pylist()}
+    assert {subjects[a["subject_id"]] for a in catalog.read("adapters").to_pylist()} == {"teapot", "can"}
+    trained = json.loads(catalog.read("models").to_pylist()[0]["params"])["joint"]["holdout"]
+    assert sorted(trained) == ["can", "teapot"]  # the joint model never saw the benchmark's subjects
+    jedi = [m for m in catalog.read("metrics").to_pylist() if m["method"] == "jedi"]
+    assert jedi and {m["split"] for m in jedi} == {"heldout"} and "in-catalog" not in out
+    assert "clock" not in {subjects[m["subject_id"]] for m in catalog.read("metrics").to_pylist()}
     assert "DreamBench-subset: 5 of 25 prompts x 1 of 4 images" in out and "\nDreamBench:" not in out
     header, rule, row = out.split("| method")[1].splitlines()[:3]
     assert all(title in header for title in ("DINO", "CLIP-I", "CLIP-T", "MDINO (grabcut)", "empty masks"))
     assert len("| method" + header) == len(rule)  # the rule lines up with the header
-    assert row.startswith("| sft") and "random-test" in row and "|        2 |" in row
+    assert row.startswith("| jedi") and "random-test" in row and "|        2 |" in row
     metrics = catalog.read("metrics").to_pylist()
     assert {(m["protocol"], m["prompt_count"], m["images_per_prompt"]) for m in metrics} == {("DreamBench-subset", 5, 1)}
     assert {m["prompt_set"].split("@")[0] for m in metrics} == {"prompts_and_classes.txt:object"}
     per_prompt = catalog.read("prompt_metrics").to_pylist()
     dino = [p for p in per_prompt if p["metric"] == "dino"]
-    assert len(dino) == 2 * 5 and {p["prompt"] for p in dino} == set(OBJECT_PROMPTS[:5])
+    assert len(dino) == 2 * 2 * 5  # two subjects, two methods, five prompts and {p["prompt"] for p in dino} == set(OBJECT_PROMPTS[:5])
 
 
 def test_the_protocol_overrides_params_and_a_folder_without_the_prompts_file_gets_the_object_list(tmp_path, capsys):
