@@ -15,13 +15,13 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   ARCH=(--arch tiny --device cpu)
   PEAK=(--device cpu --side 256 --rounds 1)
   TUNE=(--steps 2 --warmup 1 --rounds 1)
-  JOINT=(--sample-steps 2 --train-steps 2 --warmup 1 --rounds 1 --max-refs 1)
+  JOINT=(--sample-steps 2 --train-steps 2 --warmup 1 --rounds 1 --max-refs 1 --memory-sets 4)
   ONEACTOR=(--steps 2 --warmup 1 --rounds 1 --aux-images 2)
 else
   ARCH=(--arch sd15 --device cuda)
   PEAK=(--device cuda)
   TUNE=(--steps 20 --rounds 2)
-  JOINT=(--rounds 2)
+  JOINT=(--rounds 2 --memory-sets)
   ONEACTOR=(--steps 10 --rounds 2)
 fi
 set -x

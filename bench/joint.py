@@ -12,6 +12,11 @@ attention over K+1 images' tokens dominates; the printed ratio is the measured o
 Training: subjectflow.training.loop.train(JointObjective) steps/s and member images/s per set
 size, next to one SFT-style step on a single image (set size 1) as the baseline.
 
+Memory (--memory-sets, default 100 and 1000): peak host RSS of encoding N synthetic sets
+of 3 members (64 px, the tiny model) through encode_sets and training 5 steps on them, each
+N in a fresh process, beside the MiB the latents alone would take if held in memory (what
+the trainer did before they were cached on disk and read a step at a time). Flat = streamed.
+
 Models: tiny = the project's build_pipeline(seed=0) UNet at 32x32 latents; sd15 = SD 1.5's
 UNet architecture with random weights (speed does not depend on them) at 64x64 latents.
 Each row keeps its best of --rounds rounds, rows interleaved.
@@ -119,6 +124,61 @@ def time_training(unet, config, side, device, set_size: int, steps: int, warmup:
     return steps / (marks[-1] - marks[warmup - 1])
 
 
+def memory_child(n_sets: int) -> dict:
+    """Peak RSS (MiB) of encoding `n_sets` sets and 5 training steps, in this process."""
+    import io
+    import re
+
+    from PIL import Image
+
+    from subjectflow.catalog import init_catalog
+    from subjectflow.config import load_config
+    from subjectflow.jointsets.shards import write_shards
+    from subjectflow.methods.jedi.set_latents import encode_sets
+    from subjectflow.models.loading import ModelParts
+
+    pipe = build_pipeline(seed=0)
+    parts = ModelParts("tiny", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = init_catalog(Path(tmp) / "catalog", load_config(), standalone=True)
+
+        def png() -> bytes:
+            pixels = (torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "PNG")
+            return buf.getvalue()
+
+        sets = [[{"set_id": f"set{i:05d}", "member": m, "subject_id": f"s{i % 50}", "caption": f"a photo of thing {i % 50}",
+                  "image": png()} for m in range(3)] for i in range(n_sets)]
+        where = write_shards(catalog, sets, shard_rows=512)
+        rows = [{k: v for k, v in r.items() if k != "image"} | {"shard": where[r["set_id"]]} for s in sets for r in s]
+        del sets
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: measure from here
+        encoded = encode_sets(catalog, parts, rows, 64, "tiny")
+        trainable = add_lora(pipe.unet, 4, "bench", seed=0)
+        objective = JointObjective(pipe.unet, pipe.scheduler, encoded.latents, encoded.captions, encoded.set_captions,
+                                   trainable, adapter_name="bench", null_caption=encoded.null_caption,
+                                   known_references=True, caption_dropout=0.1, reference_dropout=0.1)
+        with coupled(pipe.unet, 3) as objective.processor:
+            train(objective, TrainConfig(checkpoint_every=10**9), Path(tmp) / "work", 5, 1e-4)
+        peak = int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) / 1024
+        held = n_sets * 3 * encoded.latents.shape[-3] * encoded.latents.shape[-2] * encoded.latents.shape[-1] * 4 / 2**20
+    return {"sets": n_sets, "peak_rss_mib": peak, "latents_in_memory_mib": held}
+
+
+def measure_memory(sizes: list[int]) -> list[dict]:
+    import subprocess
+    import sys
+
+    results = []
+    for n in sizes:
+        done = subprocess.run([sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True,
+                              check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
@@ -130,7 +190,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-refs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "joint")
+    parser.add_argument("--memory-sets", type=int, nargs="*", default=[100, 1000],
+                        help="set counts for the peak-RSS measurement (default 100 1000; none to skip)")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(args.memory_child)))
+        return
     unet, config, side, device = build(args)
     print(f"arch {args.arch}, device {device}, {next(unet.parameters()).dtype}, latents {side}x{side}, "
           f"{args.sample_steps} sampling steps, best of {args.rounds} rounds")
@@ -156,8 +222,14 @@ def main() -> None:
     for n in sizes:
         print(f"{'joint LoRA step':<22}{n:>9}{training[n]:>10.2f}{training[n] * n:>10.2f}{training[n] / training[1]:>10.2f}")
 
+    memory = measure_memory(args.memory_sets)
+    if memory:
+        print(f"\n{'memory (tiny, CPU)':<22}{'sets':>9}{'peak RSS MiB':>14}{'latents if held MiB':>21}")
+        for m in memory:
+            print(f"{'encode + 5 steps':<22}{m['sets']:>9}{m['peak_rss_mib']:>14.0f}{m['latents_in_memory_mib']:>21.1f}")
+
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"arch": args.arch, "device": str(device), "sample_steps": args.sample_steps,
+    result = {"arch": args.arch, "device": str(device), "sample_steps": args.sample_steps, "memory": memory,
               "sampling_s_per_image": {"plain": plain, **{f"jedi_refs_{r}": sampling[r] for r in rows[1:]}},
               "sampling_ratio": {f"set_size_{r + 1}": sampling[r] / plain for r in rows[1:]},
               "training_steps_per_s": {f"set_size_{n}": training[n] for n in sizes}}

@@ -14,7 +14,9 @@ from subjectflow.catalog import list_versions
 from subjectflow.jointsets import build_jointsets
 from subjectflow.jointsets import read_sets
 from subjectflow.methods import registry
-from subjectflow.methods.jedi.model import current_sets, encode_sets, train_joint
+from subjectflow.methods.jedi.model import current_sets, train_joint
+from subjectflow.methods.jedi.set_latents import encode_sets
+from subjectflow.methods.jedi.zero_shot_sfo import CAPTIONS, pair_subjects
 from subjectflow.training.artefacts import open_model
 from subjectflow.training.data import encode_prompt
 from tests.training.conftest import context, ingested_catalog, tiny_config
@@ -56,6 +58,10 @@ def test_jointsets_tune_jedi_and_generate_with_references(tmp_path, capfd):
     assert cli("tune", "--method", "jedi-sfo") == 0
     sfo = [m for m in catalog.read("models").to_pylist() if m["method"] == "sfo-joint"]
     assert len(sfo) == 1 and sfo[0]["parent_model_id"] == models[0]["model_id"]
+    pairs = json.loads(sfo[0]["params"])["pairs"]  # CDNS for a reference model: the negative is made from the context
+    made_from = {n["negative_id"]: n["image_id"] for n in catalog.read("negatives").to_pylist()}
+    assert len(pairs) == 6 and all(p["context"] == made_from[p["negative_id"]] != p["positive"] for p in pairs)
+    assert {p["caption"] for p in pairs} <= {t.format(c=c) for t in CAPTIONS for c in ("mug", "box")}
     assert len(catalog.read("negatives").to_pylist()) == 6  # pairs from every subject
     assert cli("generate", "--subject", "blue_box", "--method", "jedi-sfo") == 0
     assert catalog.read("samples").to_pylist()[-1]["model_id"] == sfo[0]["model_id"]
@@ -95,13 +101,27 @@ def test_joint_training_keeps_one_text_embedding_per_distinct_caption(tmp_path):
     build_jointsets(catalog, config.jointsets, say=lambda _: None)
     parts, _ = open_model(catalog, config)
     rows = current_sets(catalog, config)
-    encoded = encode_sets(catalog, parts, rows, 32)
+    encoded = encode_sets(catalog, parts, rows, 32, "tiny")
     latents, captions, set_captions = encoded.latents, encoded.captions, encoded.set_captions
 
     sets = sorted(read_sets(catalog, sorted({r["shard"] for r in rows})), key=lambda s: s.set_id)
     assert latents.shape[:2] == set_captions.shape == (len(sets), config.jointsets.set_size)
     assert captions.shape[0] - 1 == len({c for s in sets for c in s.captions}) < set_captions.numel()
     torch.testing.assert_close(captions[encoded.null_caption], encode_prompt(parts.tokenizer, parts.text_encoder, "")[0])
+
+    # Cached per set: encoding again decodes no shard and gives the same latents.
+    import subjectflow.methods.jedi.set_latents as set_latents
+
+    first = latents[torch.arange(len(sets))]
+    read = []
+    original = set_latents.read_sets
+    set_latents.read_sets = lambda *a: read.append(a) or original(*a)
+    try:
+        again = encode_sets(catalog, parts, rows, 32, "tiny")
+    finally:
+        set_latents.read_sets = original
+    assert all(not todo for *_, todo in read)  # asked for no set: every one was cached
+    assert torch.equal(again.latents[torch.arange(len(sets))], first)
     for members, indices in zip(sets, set_captions):
         for caption, i in zip(members.captions, indices):
             torch.testing.assert_close(captions[i], encode_prompt(parts.tokenizer, parts.text_encoder, caption)[0])
@@ -129,3 +149,8 @@ def test_full_unet_joint_training_keeps_fp32_master_weights_under_bf16(tmp_path)
     assert tmp_path / "export" / "unet" in files
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").state_dict()
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_zero_shot_sfo_skips_a_subject_with_one_photo(tmp_path):
+    catalog = ingested_catalog(tmp_path, subjects=("red_mug",), per_subject=1)
+    assert pair_subjects(catalog, tiny_config()) == []

@@ -16,19 +16,17 @@ from ...catalog import Catalog
 from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import JOINTSETS, MODELS
 from ...config import Config, stable_hash
-from ...jointsets import read_sets
 from ...models.loading import ModelParts
 from ...training.adapters import adapter_state, add_lora, load_adapter_state, load_lora_file, lora_file_bytes
 from ...training.artefacts import autocast_dtype, record_trained
-from ...training.data import encode_latents, encode_prompt, image_tensor
 from ...training.diffusion import Metrics, denoising_loss, denoising_target, unet_eps
 from ...training.loop import train
 from ...training.subjects import TuningError, training_subjects
 from ..base import Context
 from .attention import CoupledSelfAttnProcessor, coupled
+from .set_latents import CachedSetLatents, encode_sets
 
 JEDI = "jedi"
-NULL_CAPTION = ""  # the empty prompt: its embedding is the unconditional one
 
 
 def current_sets(catalog: Catalog, config: Config) -> list[dict]:
@@ -90,7 +88,7 @@ class JointObjective:
 
     unet: torch.nn.Module  # coupled with set size = members per set
     scheduler: object
-    set_latents: torch.Tensor  # [S, N, C, h, w]
+    set_latents: torch.Tensor | CachedSetLatents  # [S, N, C, h, w]
     captions: torch.Tensor  # [U, L, D] each distinct caption's text embedding
     set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
     trainable: list[torch.nn.Parameter]
@@ -164,49 +162,13 @@ class JointObjective:
             load_adapter_state(self.unet, state, self.adapter_name)
 
 
-def embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Each distinct caption's [L, D] text embedding, computed once."""
-    return {c: encode_prompt(parts.tokenizer, parts.text_encoder, c)[0] for c in sorted(set(captions))}
-
-
-@dataclass
-class EncodedSets:
-    latents: torch.Tensor  # [S, N, C, h, w]
-    captions: torch.Tensor  # [U + 1, L, D] the distinct captions' embeddings, then the empty prompt's
-    set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
-
-    @property
-    def null_caption(self) -> int:
-        return self.captions.shape[0] - 1
-
-
-def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict], resolution: int) -> EncodedSets:
-    """Stream the sets from their shards into latents, the distinct captions' embeddings
-    (and the empty prompt's, for caption dropout) and each member's caption index.
-
-    Embeddings are kept once per caption, not per member: a subject's sets share a few
-    captions, and [S, N, 77, 768] floats would be GBs at a thousand subjects.
-    """
-    sets = list(read_sets(catalog, sorted({r["shard"] for r in rows}), {r["set_id"] for r in rows}))
-    sets.sort(key=lambda s: s.set_id)
-    embedded = embed_all(parts, [c for s in sets for c in s.captions])
-    position = {caption: i for i, caption in enumerate(embedded)}
-    null = encode_prompt(parts.tokenizer, parts.text_encoder, NULL_CAPTION)[0]
-    captions = torch.stack([*embedded.values(), null])
-    set_captions = torch.tensor([[position[c] for c in s.captions] for s in sets])
-    latents = torch.stack([encode_latents(parts.vae, torch.stack([image_tensor(im, resolution) for im in s.images]))
-                           for s in sets])
-    device = parts.unet.device
-    return EncodedSets(latents.to(device), captions.to(device), set_captions.to(device))
-
-
 def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
     """Train (or resume) the joint model on the current joint sets and register it."""
     catalog, config, parts, base = ctx.catalog, ctx.config, ctx.parts, ctx.base
     rows = current_sets(catalog, config)
     model_id = joint_model_id(catalog, config, base)
     cfg = config.joint
-    encoded = encode_sets(catalog, parts, rows, config.train.resolution)
+    encoded = encode_sets(catalog, parts, rows, config.train.resolution, base)
     if config.train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
