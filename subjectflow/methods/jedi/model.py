@@ -6,7 +6,9 @@ noise-prediction loss over every member of a set, self-attention coupled within 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +91,7 @@ class JointObjective:
     unet: torch.nn.Module  # coupled with set size = members per set
     scheduler: object
     set_latents: torch.Tensor | CachedSetLatents  # [S, N, C, h, w]
-    captions: torch.Tensor  # [U, L, D] each distinct caption's text embedding
+    captions: torch.Tensor  # [U, L, D] each distinct caption's text embedding (and the empty prompt's)
     set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
     trainable: list[torch.nn.Parameter]
     sets_per_step: int = 1
@@ -106,6 +108,18 @@ class JointObjective:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
+
+    @contextlib.contextmanager
+    def _sets_of(self, size: int) -> Iterator[None]:
+        """The coupling's set size for one call (1 for the single images of reference dropout)."""
+        if self.processor is None:
+            yield
+            return
+        previous, self.processor.set_size = self.processor.set_size, size
+        try:
+            yield
+        finally:
+            self.processor.set_size = previous
 
     def _draw(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(self.set_latents.device)
@@ -138,15 +152,8 @@ class JointObjective:
         x0, noise, t, known = x0.flatten(0, 1), noise.flatten(0, 1), t.flatten(), known.flatten()  # sets consecutive
         mask = known.view(-1, *([1] * (x0.ndim - 1)))
         noisy = torch.where(mask, x0, self.scheduler.add_noise(x0, noise, t))  # known members exactly clean
-        size = x0.shape[0] // b
-        previous = self.processor.set_size if self.processor is not None else size
-        if self.processor is not None:
-            self.processor.set_size = size
-        try:
+        with self._sets_of(x0.shape[0] // b):
             pred = unet_eps(self.unet, self._dtype, noisy, t, self.captions[caption.flatten()])
-        finally:
-            if self.processor is not None:
-                self.processor.set_size = previous
         scored = (~known).float()
         return denoising_loss(pred, denoising_target(self.scheduler, x0, noise, t), weights=scored * len(scored) / scored.sum())
 
