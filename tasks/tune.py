@@ -15,6 +15,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+from prefect.runtime import task_run
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -108,7 +109,12 @@ def stale_subjects_task(catalog_root: Path, method: str, config: Config) -> list
     return registry.stale_subjects(method_context(catalog_root, config), method)
 
 
-@task(name="tune", task_run_name="tune-{method}-{subject}")
+def _tune_run_name() -> str:
+    params = task_run.parameters  # a shared method's one run has no subject
+    return f"tune-{params['method']}-{params['subject'] or 'all-subjects'}"
+
+
+@task(name="tune", task_run_name=_tune_run_name)
 def tune_task(catalog_root: Path, subject: str | None, method: str, config: Config) -> TuneOutcome:
     """One subject's artefact for `method` (or the shared one when subject is None)."""
     with device_slot(config) as placed:
