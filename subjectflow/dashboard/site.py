@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..catalog import TABLES, Catalog, CatalogError, list_versions
+from ..training.subjects import scored_as
 from . import pages
 from .pages import Entry, Thumb, Trend
 
@@ -236,15 +237,16 @@ def latest_scores(rows: Iterable[dict]) -> dict[str, dict[str, dict]]:
 
 
 def metric_trends(metrics: pa.Table) -> list[Trend]:
-    """Each metric's value averaged per (method, catalog version); unversioned rows are left out."""
+    """Each metric's value averaged per (method, split, catalog version), a shared model's
+    in-catalog scores as a line of their own; unversioned rows are left out."""
     versioned = metrics.filter(pc.is_valid(metrics["catalog_version"]))
-    grouped = versioned.group_by(["metric", "method", "catalog_version"]).aggregate(
+    grouped = versioned.group_by(["metric", "method", "split", "catalog_version"]).aggregate(
         [("value", "mean"), ("scorer_kind", "distinct")])
     series: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     flags: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for row in grouped.to_pylist():
-        series[row["metric"]][row["method"]].append((row["catalog_version"], row["value_mean"]))
-        flags[row["metric"]][row["method"]].update(k for k in row["scorer_kind_distinct"] if k != "pretrained")
+        series[row["metric"]][scored_as(row)].append((row["catalog_version"], row["value_mean"]))
+        flags[row["metric"]][scored_as(row)].update(k for k in row["scorer_kind_distinct"] if k != "pretrained")
     return [Trend(metric, {m: sorted(p) for m, p in sorted(series[metric].items())},
                   {m: sorted(k) for m, k in flags[metric].items()}) for metric in sorted(series)]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.sampling import SUBJECT_PLACEHOLDER
-from ..training.subjects import IN_CATALOG
+from ..training.subjects import scored_as
 
 _FORMAT_LINE = re.compile(r"""^\s*['"](?P<template>.*\{0\} \{1\}.*)['"]\.format\(unique_token, class_token\),?\s*$""")
 OBJECT, LIVE, ALL = "object", "live", "all"
@@ -126,8 +126,7 @@ def method_table(metrics: list[dict]) -> str:
     kinds: dict[str, set[str]] = defaultdict(set)
     subjects: dict[str, set[str]] = defaultdict(set)
     for row in metrics:
-        # A shared model's scores on subjects it trained on are a row of their own, never zero-shot.
-        label = f"{row['method']} (in-catalog)" if row.get("split") == IN_CATALOG else row["method"]
+        label = scored_as(row)
         total = sums[label][row["metric"]]
         total[0] += row["value"] * row["n_images"]
         total[1] += row["n_images"]

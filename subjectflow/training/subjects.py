@@ -59,6 +59,12 @@ def load_subjects(catalog: Catalog, names: list[str] | None = None) -> list[Subj
 TRAIN, HELDOUT, IN_CATALOG = "train", "heldout", "in-catalog"
 
 
+def scored_as(row: dict) -> str:
+    """The name a `metrics` row is reported under: a shared model's scores on subjects it
+    trained on are never shown as its zero-shot scores."""
+    return f"{row['method']} (in-catalog)" if row.get("split") == IN_CATALOG else row["method"]
+
+
 def is_heldout(subject: Subject, holdout: tuple[str, ...] | float, seed: int) -> bool:
     """Whether a model shared across subjects must not train on `subject` (`joint.holdout`):
     listed by name or id, or drawn with probability `holdout` from a hash of (seed, id), so a

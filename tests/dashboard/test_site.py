@@ -40,12 +40,17 @@ def html_files(site: Path) -> list[Path]:
 def test_metric_trends_average_each_method_per_catalog_version_and_skip_unversioned_rows():
     rows = [metric_row("a", "sft", "dino", 0.2, 1), metric_row("b", "sft", "dino", 0.4, 1),
             metric_row("a", "sft", "dino", 0.5, 2), metric_row("a", "sfo", "dino", 0.9, 2, kind="proxy"),
-            metric_row("a", "sft", "clip_t", 0.1, None)]
+            metric_row("a", "sft", "clip_t", 0.1, None),
+            {**metric_row("a", "jedi", "dino", 0.8, 2), "split": "heldout"},
+            {**metric_row("b", "jedi", "dino", 0.6, 2), "split": "in-catalog"}]
     trends = metric_trends(pa.Table.from_pylist(rows, schema=METRICS.schema))
     assert [t.metric for t in trends] == ["dino"]
     assert trends[0].series["sft"] == [(1, pytest.approx(0.3)), (2, pytest.approx(0.5))]
     assert trends[0].series["sfo"] == [(2, pytest.approx(0.9))]
-    assert trends[0].flags == {"sft": [], "sfo": ["proxy"]}
+    # A shared model's scores on subjects it trained on never average into its zero-shot line.
+    assert trends[0].series["jedi"] == [(2, pytest.approx(0.8))]
+    assert trends[0].series["jedi (in-catalog)"] == [(2, pytest.approx(0.6))]
+    assert trends[0].flags == {"sft": [], "sfo": ["proxy"], "jedi": [], "jedi (in-catalog)": []}
 
 
 def test_latest_scores_use_each_methods_newest_version_and_newest_evaluation():
@@ -191,10 +196,14 @@ def test_the_site_renders_and_navigates_in_headless_chromium(filled_catalog, tmp
     assert failure.is_displayed() and filled_catalog.failure in failure.text
     plots = {p.get_attribute("data-metric"): p for p in browser.find_elements(By.CSS_SELECTOR, "#trends figure.trend")}
     assert sorted(plots) == ["clip_i", "clip_t", "dino"]
-    for metric in ("dino", "clip_t"):
+    # Three versions of sft and sfo; the shared model's score on a subject it saw is its own line.
+    for metric, expected in (("dino", {"sfo": 3, "sft": 3, "jedi (in-catalog)": 1}), ("clip_t", {"sfo": 3, "sft": 3})):
         lines = plots[metric].find_elements(By.CSS_SELECTOR, "svg polyline")
-        assert len(lines) == 2 and all(len(line.get_attribute("points").split()) == 3 for line in lines)
-        assert all(line.is_displayed() for line in lines)
+        assert {line.get_attribute("data-series"): len(line.get_attribute("points").split()) for line in lines} == expected
+        # (A one-point line has no extent; its point is a marker like every other.)
+        assert all(line.is_displayed() for line in lines if len(line.get_attribute("points").split()) > 1)
+        markers = plots[metric].find_elements(By.CSS_SELECTOR, "svg circle")
+        assert len(markers) == sum(expected.values()) and all(m.is_displayed() for m in markers)
 
     screenshot = tmp_path / "index.png"
     assert full_page_screenshot(browser, screenshot)

@@ -1,6 +1,7 @@
 """The nightly refresh end to end on the tiny model: everything, then nothing, then one photo."""
 
 import json
+import shutil
 
 import yaml
 from prefect.client.orchestration import get_client
@@ -8,6 +9,7 @@ from prefect.client.orchestration import get_client
 from flows.cli import main
 from flows.refresh import catalog_refresh
 from subjectflow.catalog import init_catalog, list_versions
+from subjectflow.catalog.layout import WORK_DIR
 from tests.photos import photo_set
 from tests.training.conftest import tiny_config
 
@@ -59,9 +61,11 @@ def test_a_new_photo_reruns_only_what_depends_on_it_and_a_failure_does_not_stop_
     before = {(a["subject_id"], a["method"]): a["adapter_id"] for a in catalog.read("adapters").to_pylist()}
 
     photo_set(tmp_path / "src", subjects=("red_mug",), per_subject=4)  # adds red_mug's 4th photo
-    # A lost joint-set shard breaks the joint model's retraining, and only that.
-    shard = catalog.read("jointsets").to_pylist()[0]["shard"]
+    # A lost joint-set shard of an unchanged subject, with no encoded latents to fall back on
+    # (a fresh machine's empty work/), breaks the joint model's retraining, and only that.
+    shard = next(r["shard"] for r in catalog.read("jointsets").to_pylist() if r["subject_id"] == "blue_box")
     catalog.blob_path(shard).unlink()
+    shutil.rmtree(catalog.root / WORK_DIR / "set-latents")
     run = catalog_refresh(str(catalog.root), str(source), config, str(tmp_path / "site"))
 
     assert run.record.status == "partial" and [f["item"] for f in run.record.failures] == ["tune jedi"]
