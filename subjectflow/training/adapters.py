@@ -23,10 +23,12 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int) -> list[torch.nn.Parameter]:
-    """Add a trainable LoRA; returns its parameters (fp32, whatever the base dtype)."""
+def add_lora(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int,
+             targets: list[str] | str = LORA_TARGETS) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA on `targets` (module names, or a peft regex); returns its
+    parameters (fp32, whatever the base dtype)."""
     torch.manual_seed(seed)  # LoRA's random init (A matrices) must be reproducible
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
     unet.add_adapter(config, adapter_name=adapter_name)
     params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n]
     for p in params:
