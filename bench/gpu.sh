@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every CUDA path on one GPU in one go (under 8 minutes on an H100-class GPU): the device's
 # bf16 matmul peak, then SFT and SFO training (bench/tune.py), JeDi set completion and joint
-# training (bench/joint.py) and OneActor tuning and guided sampling (bench/oneactor.py),
+# training (bench/joint.py), OneActor tuning and guided sampling (bench/oneactor.py) and
+# DETEX training against SFT (bench/tokens.py),
 # all on SD 1.5's UNet architecture at 512 px in bf16 with random weights (nothing is
 # downloaded), then a summary of steps/s, peak GPU memory and TFLOP/s against the peak.
 #
@@ -17,17 +18,20 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   TUNE=(--steps 2 --warmup 1 --rounds 1)
   JOINT=(--sample-steps 2 --train-steps 2 --warmup 1 --rounds 1 --max-refs 1 --memory-sets 4)
   ONEACTOR=(--steps 2 --warmup 1 --rounds 1 --aux-images 2)
+  TOKENS=(--steps 2 --warmup 1 --rounds 1)
 else
   ARCH=(--arch sd15 --device cuda)
   PEAK=(--device cuda)
   TUNE=(--steps 20 --rounds 2)
   JOINT=(--rounds 2 --memory-sets)
   ONEACTOR=(--steps 10 --rounds 2)
+  TOKENS=(--steps 10 --rounds 2)
 fi
 set -x
 "$PY" bench/peak.py measure "${PEAK[@]}" --out "$OUT"
 "$PY" bench/tune.py "${ARCH[@]}" "${TUNE[@]}" --out "$OUT/tune"
 "$PY" bench/joint.py "${ARCH[@]}" "${JOINT[@]}" --out "$OUT/joint"
 "$PY" bench/oneactor.py "${ARCH[@]}" "${ONEACTOR[@]}" --out "$OUT/oneactor"
+"$PY" bench/tokens.py "${ARCH[@]}" "${TOKENS[@]}" --out "$OUT/tokens"
 set +x
 "$PY" bench/peak.py summary "$OUT"

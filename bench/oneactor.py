@@ -165,21 +165,30 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def timing_arguments(p: argparse.ArgumentParser) -> None:
+    """The model's arguments and --steps/--warmup/--rounds/--rank, for benches timed by `time_training`."""
     model_arguments(p)
     p.add_argument("--steps", type=int, default=10, help="timed training steps per row and round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2, >= 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row keeps its best (default 3)")
-    p.add_argument("--rank", type=int, default=TrainConfig().lora_rank, help="SFT LoRA rank (default 4)")
-    p.add_argument("--aux-images", type=int, default=OneActorConfig().aux_images, help="auxiliary cluster size")
-    p.add_argument("--cluster-steps", type=int, default=OneActorConfig().cluster_steps, help="its sampling steps")
-    p.add_argument("--out", type=Path, default=Path("bench/out/oneactor"), help="scratch and results.json")
+    p.add_argument("--rank", type=int, default=TrainConfig().lora_rank, help="LoRA rank (default 4)")
+
+
+def checked_timing_arguments(p: argparse.ArgumentParser) -> argparse.Namespace:
     args = p.parse_args()
     resolve_model_arguments(args)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         p.error("need --warmup >= 1, --steps >= 1 and --rounds >= 1")
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    timing_arguments(p)
+    p.add_argument("--aux-images", type=int, default=OneActorConfig().aux_images, help="auxiliary cluster size")
+    p.add_argument("--cluster-steps", type=int, default=OneActorConfig().cluster_steps, help="its sampling steps")
+    p.add_argument("--out", type=Path, default=Path("bench/out/oneactor"), help="scratch and results.json")
+    return checked_timing_arguments(p)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def summary(out: Path) -> None:
     ratios = oneactor["ratios"]
     print(f"oneactor: to train {ratios['tuning_oneactor_over_sft']:.2f}x SFT's time, sampling "
           f"{ratios['sampling_oneactor_over_cfg']:.2f}x plain CFG per image")
+    tokens = json.loads((out / "tokens" / "results.json").read_text())
+    print("detex training steps/s: " + ", ".join(f"{k} {1 / v:.2f}" for k, v in tokens["s_per_step"].items())
+          + f" ({tokens['ratios']['detex_over_sft_per_step']:.2f}x SFT's time per step)")
 
 
 def main() -> None:

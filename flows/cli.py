@@ -47,7 +47,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line flags as config overrides (section -> key -> value); `--set` last."""
     flags = {("ingest", "workers"): "workers", ("ingest", "resolution"): "resolution",
              ("model", "base"): "model",
-             ("generate", "steps"): "sample_steps", ("jointsets", "set_size"): "set_size"}
+             ("generate", "steps"): "sample_steps", ("generate", "keep_pose"): "keep_pose",
+             ("generate", "keep_background"): "keep_background", ("jointsets", "set_size"): "set_size"}
     overrides: dict[str, dict[str, Any]] = {}
     for (section, key), flag in flags.items():
         if getattr(args, flag, None) is not None:
@@ -209,12 +210,14 @@ def cmd_negatives(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from flows.tune import generate_flow
+    from subjectflow.methods import registry
 
     catalog, config = _config(args)
     subjects = _subjects(args)
     if subjects is None:
         subjects = sorted(catalog.read("subjects").column("subject_id").to_pylist())
     method = None if args.method == "base" else args.method
+    registry.check_sampling(config, method)  # before a flow starts, so a usage error is one line
     samples = generate_flow(str(catalog.root), args.prompt, subjects, method, args.n, config, args.references)
     for row in samples:
         print(f"{row['subject_id'] or '-':<20} {row['method']:<8} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")
@@ -403,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", type=int,
                    help="methods that complete a photo set: how many of the subject's photos are shown")
     p.add_argument("--n", type=int, default=1, help="images per subject (default: 1)")
+    for attribute in ("pose", "background"):
+        p.add_argument(f"--keep-{attribute}", metavar="PHOTO",
+                       help=f"methods that learn a photo's {attribute} apart from the subject (`subjectflow methods` "
+                            f"says which): keep this training photo's (file name, image id or number in the set)")
     p.add_argument("--sample-steps", type=int, help="sampling steps (default: generate.steps)")
     _add_set(p)
     p.add_argument("--model", help="base model (default: model.base)")

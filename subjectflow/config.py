@@ -165,6 +165,10 @@ class GenerateConfig(_Section):
     guidance: float = Field(7.5, ge=0)
     resolution: Resolution = AUTO
     seed: int = 0
+    # Methods that learn a photo's pose and background apart from the subject can keep one
+    # training photo's (its image id, file name, or 1-based number in the set); "" = subject only.
+    keep_pose: str = added("", neutral="")
+    keep_background: str = added("", neutral="")
 
 
 class AugmentConfig(_Section):
@@ -248,6 +252,22 @@ class OneActorConfig(_Section):
     batch_stats: bool = False  # the release's train-mode BatchNorm at inference (delta depends on the batch)
 
 
+class DetexConfig(_Section):
+    """DETEX: one subject token plus per-photo pose and background embeddings from two
+    mapper MLPs, trained with a K/V LoRA on a masked loss (METHODS.md section 4)."""
+
+    steps: int = Field(400, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)  # the token and the mappers, textual inversion's scale
+    # Custom Diffusion trains full K/V at 1e-5; a rank-r LoRA on them takes SFT's larger steps.
+    kv_learning_rate: float = Field(1e-4, gt=0)
+    kv_rank: int = Field(4, ge=1)
+    mapper_hidden: int = Field(256, ge=1)
+    feature_grid: int = Field(4, ge=1)  # the pooled VAE latent the mappers read: C x grid x grid
+    mask_loss: Literal["area", "image"] = "area"  # normalise the masked loss by mask area, or by image
+    prior_preservation: bool = False  # on the class images SFT's prior preservation caches
+    prior_weight: float = Field(1.0, ge=0)
+
+
 class EvaluateConfig(_Section):
     """Scoring generated images the way the field does (DreamBench-style)."""
 
@@ -290,6 +310,7 @@ class Config(_Section):
     jointsets: JointSetsConfig = JointSetsConfig()
     joint: JointConfig = JointConfig()
     oneactor: OneActorConfig = OneActorConfig()
+    detex: DetexConfig = DetexConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     versioning: VersioningConfig = VersioningConfig()
 
@@ -297,7 +318,8 @@ class Config(_Section):
     def _prodigy_reads_learning_rates_as_multipliers(self) -> "Config":
         if self.train.optimizer != "prodigy":
             return self
-        rates = {f"{name}.learning_rate": getattr(self, name).learning_rate for name in ("train", "sfo", "joint", "oneactor")}
+        rates = {f"{name}.learning_rate": getattr(self, name).learning_rate for name in ("train", "sfo", "joint", "oneactor", "detex")}
+        rates["detex.kv_learning_rate"] = self.detex.kv_learning_rate
         off = [f"{name} ({rate:g})" for name, rate in rates.items() if not 0.1 <= rate <= 10]
         if off:
             raise ValueError(f"train.optimizer prodigy estimates the step size itself and reads a learning rate as "

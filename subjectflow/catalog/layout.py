@@ -68,7 +68,7 @@ STAGES: dict[str, Stage] = {
             tables=("negatives", "adapters", "models", "class_images", "clusters", "train_log"),
             blob_kinds=("negatives", "adapters", "models", "class_images", "clusters"),
             dirs=(MODELS_DIR,),
-            params=("model", "train", "sft", "sfo", "negatives", "joint", "oneactor", "evaluate"),
+            params=("model", "train", "sft", "sfo", "negatives", "joint", "oneactor", "detex", "evaluate"),
             command="subjectflow tune --all --catalog {catalog} --no-version",
             needs=("subjects", "images", "jointsets"),
         ),

@@ -49,7 +49,7 @@ class EvaluationPlan:
 def _settings(config: Config, models_dir: Path) -> dict:
     return {"evaluate": config.evaluate.identity(mode="json"),
             "scorers": scorer_names(config.evaluate, models_dir),
-            "generate": config.generate.model_dump(exclude={"seed"}),
+            "generate": config.generate.identity(exclude={"seed"}),
             "joint": config.joint.model_dump(include={"references", "max_references", "image_guidance",
                                                       "text_guidance"})}
 

@@ -67,6 +67,7 @@ class Method:
     makes_negatives: bool = False  # `subjectflow negatives --method NAME` renders its CDNS negatives
     steps_setting: str = "train.steps"  # what `tune --method NAME --steps N` sets
     usage: str = ""  # for an exported model card: how it samples, when that is more than txt2img
+    keeps_attributes: bool = False  # honours generate.keep_pose / keep_background (a training photo's)
 
     def enabled(self, config: Config) -> bool:
         """False when the configuration switches the method off (the refresh skips it)."""

@@ -225,10 +225,19 @@ def negatives(ctx: Context, name: str, subject: str) -> TuneOutcome:
     return TuneOutcome(found.name, f"negatives ({name})", needs[method.needs[-1]], ctx.made, ctx.reused, made)
 
 
+def check_sampling(config: Config, name: str | None) -> None:
+    """Refuse generate settings the method (None: the base model) would silently ignore."""
+    if (config.generate.keep_pose or config.generate.keep_background) and not (name and get(name).keeps_attributes):
+        keepers = [m.name for m in METHODS.values() if m.keeps_attributes]
+        raise TuningError(f"--keep-pose/--keep-background: {name or 'the base model'} does not learn a photo's pose "
+                          f"or background apart from the subject; methods that do: {', '.join(keepers) or 'none'}")
+
+
 def sample(ctx: Context, name: str | None, subject: str | None, prompt: str, n: int,
            references: int | None = None) -> list[dict]:
     """n images of `prompt` with `name`'s current artefact (None: the base model alone)."""
     found = load_subject(ctx.catalog, subject) if subject else None
+    check_sampling(ctx.config, name)
     if name is None:
         return generate_with_loras(ctx.catalog, ctx.config, ctx.parts, ctx.base,
                                    subject_prompt(prompt, found, identified(ctx.config, found)), n, found, [],
@@ -258,6 +267,7 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
     for name, method in METHODS.items():
         scope = "shared by every subject" if method.shared else "per subject"
         needs = f"; needs {', '.join(method.needs)}" if method.needs else ""
+        needs += "; keeps a training photo's pose/background (--keep-pose/--keep-background)" if method.keeps_attributes else ""
         lines.append(f"{name:<10} {method.summary}\n{'':<10} {scope}{needs}; config: {', '.join(method.sections)}; "
                      f"--steps sets {method.steps_setting}")
         if verbose and config is not None:
@@ -267,9 +277,9 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
 
 
 def _register_builtin() -> None:
-    from . import jedi, oneactor, sfo, sft
+    from . import detex, jedi, oneactor, sfo, sft
 
-    for method in (sft.METHOD, sfo.METHOD, jedi.METHOD, jedi.SFO_METHOD, oneactor.METHOD):
+    for method in (sft.METHOD, sfo.METHOD, jedi.METHOD, jedi.SFO_METHOD, oneactor.METHOD, detex.METHOD):
         register(method)
 
 

@@ -21,7 +21,7 @@ from ..training.adapters import adapter_state, load_adapter_state, lora_file_byt
 from ..training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
 from ..training.class_images import class_image_latents, planned_class_images
 from ..training.data import class_prompt, encode_prompt, instance_prompt
-from ..training.diffusion import Metrics, denoising_loss, denoising_target, pick, unet_eps
+from ..training.diffusion import Metrics, denoising_loss, noised_prediction, pick
 from ..training.loop import train
 from ..training.sampling import identified, sample_adapters
 from ..training.subjects import Subject
@@ -50,19 +50,15 @@ class SftObjective:
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
 
-    def _denoise(self, x0: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        steps = int(self.scheduler.config.num_train_timesteps)
-        t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        return unet_eps(self.unet, self._dtype, noisy, t, embeds), denoising_target(self.scheduler, x0, noise, t)
-
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
-        pred, target = self._denoise(pick(self.instance_latents, self.batch_size, generator), self.instance_embeds, generator)
+        pred, target = noised_prediction(self.unet, self._dtype, self.scheduler,
+                                         pick(self.instance_latents, self.batch_size, generator), self.instance_embeds,
+                                         generator)
         if self.class_latents is None:
             return denoising_loss(pred, target)
-        prior_pred, prior_target = self._denoise(pick(self.class_latents, self.batch_size, generator),
-                                                 self.class_embeds, generator)
+        prior_pred, prior_target = noised_prediction(self.unet, self._dtype, self.scheduler,
+                                                     pick(self.class_latents, self.batch_size, generator),
+                                                     self.class_embeds, generator)
         return denoising_loss(pred, target, prior_pred, prior_target, self.prior_weight)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

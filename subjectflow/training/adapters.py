@@ -38,11 +38,11 @@ def add_lora(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int
 
 
 @contextlib.contextmanager
-def trained_adapter(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int
-                    ) -> Iterator[list[torch.nn.Parameter]]:
+def trained_adapter(unet: UNet2DConditionModel, rank: int, adapter_name: str, seed: int,
+                    targets: list[str] | str = LORA_TARGETS) -> Iterator[list[torch.nn.Parameter]]:
     """A fresh trainable LoRA for the block, deleted after whatever happens: the UNet is
     resident across tasks and the next one must find it as it was."""
-    params = add_lora(unet, rank, adapter_name, seed)
+    params = add_lora(unet, rank, adapter_name, seed, targets)
     try:
         yield params
     finally:

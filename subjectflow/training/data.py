@@ -43,6 +43,13 @@ def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
     return torch.stack([image_tensor(Image.open(p), resolution) for p in paths])
 
 
+def load_masks(paths: list[Path], resolution: int) -> torch.Tensor:
+    """[N, 1, R, R] in [0, 1] from ingest's mask files (255 = subject)."""
+    masks = [np.asarray(Image.open(p).convert("L").resize((resolution, resolution), Image.Resampling.BILINEAR),
+                        dtype=np.float32) / 255.0 for p in paths]
+    return torch.from_numpy(np.stack(masks))[:, None]
+
+
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """[N, 3, R, R] pixels -> [N, C, R/f, R/f] scaled latents (the distribution's mode:

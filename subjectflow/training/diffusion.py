@@ -95,3 +95,14 @@ def unet_eps(unet: UNet2DConditionModel, dtype: torch.dtype, noisy: torch.Tensor
     """
     states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)  # [1 or B, L, D] -> [B, L, D]
     return unet(noisy.to(dtype), timesteps, encoder_hidden_states=states).sample.float()
+
+
+def noised_prediction(unet: UNet2DConditionModel, dtype: torch.dtype, scheduler: Any, x0: torch.Tensor,
+                      embeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DreamBooth's step: noise `x0` [B, C, h, w] at uniform timesteps drawn by `generator`
+    and return (the UNet's prediction under `embeds`, its regression target)."""
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    steps = int(scheduler.config.num_train_timesteps)
+    t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
+    noisy = scheduler.add_noise(x0, noise, t)
+    return unet_eps(unet, dtype, noisy, t, embeds), denoising_target(scheduler, x0, noise, t)

@@ -30,7 +30,10 @@ KEEP_CHECKPOINTS = 2
 
 
 class Objective(Protocol):
-    """What a method gives the loop."""
+    """What a method gives the loop. Two optional hooks: `parameter_groups(lr)` returns
+    optimiser groups ({"params", "lr"}) for parts that train at their own rates (a token
+    row beside K/V weights), and `after_step()` runs after each optimiser step (restoring
+    embedding rows that must not move)."""
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -57,7 +60,7 @@ def step_generator(seed: int, step: int, micro: int, device: torch.device | str 
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 64 + micro)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], config: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "prodigy":
@@ -109,7 +112,12 @@ def train(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     params = objective.parameters()
-    optimizer = make_optimizer(params, config, learning_rate)
+    groups = (objective.parameter_groups(learning_rate) if hasattr(objective, "parameter_groups")
+              else [{"params": params, "lr": learning_rate}])
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # what warm-up scales (torch's schedulers' key)
+    optimizer = make_optimizer(groups, config, learning_rate)
+    after_step = getattr(objective, "after_step", None)
     device_type = torch.device(device).type
     # fp16 gradients of small LoRA weights underflow without loss scaling; bf16 needs none.
     scaler = torch.amp.GradScaler(device_type) if autocast_dtype == torch.float16 else None
@@ -134,7 +142,7 @@ def train(
             # Warm-up as a function of the step alone: nothing to checkpoint, resume stays exact.
             warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate * warm
+                group["lr"] = group["initial_lr"] * warm
             totals: dict[str, float] = {}
             for micro in range(accumulation):
                 with autocast:
@@ -157,6 +165,8 @@ def train(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                after_step()
             row = {"step": float(step + 1), **totals}
             result.history.append(row)
             if on_step:

@@ -52,8 +52,10 @@ def record_samples(catalog: Catalog, rows: list[dict]) -> list[dict]:
 
 def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, base: str, text: str, n: int,
                         subject: Subject | None, loras: list[tuple[str, Path]], method: str,
-                        adapter_id: str | None) -> list[dict]:
-    """n images of `text` by plain CFG with the `loras` (name, file) stacked in order."""
+                        adapter_id: str | None, embeds: torch.Tensor | None = None,
+                        params: str | None = None) -> list[dict]:
+    """n images of `text` by plain CFG with the `loras` (name, file) stacked in order;
+    `embeds` [1, L, D], when given, are `text` as the method embeds it (learned tokens)."""
     cfg = config.generate
     pipe = sampling_pipeline(parts)
     names = [name for name, _ in loras]
@@ -66,11 +68,13 @@ def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, bas
         with progress(n, f"generate {method}", unit="image") as shown:
             for i in range(n):
                 seed = cfg.seed + i
-                image = pipe(text, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
+                prompt = {"prompt": text} if embeds is None else {"prompt_embeds": embeds.to(parts.unet.dtype)}
+                image = pipe(**prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
                              width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
                 rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id if subject else None,
                                        adapter_id=adapter_id, method=method, prompt=text, seed=seed, steps=cfg.steps,
-                                       guidance=cfg.guidance, resolution=cfg.resolution, base_model=base))
+                                       guidance=cfg.guidance, resolution=cfg.resolution, base_model=base,
+                                       params=params))
                 shown.update()
     finally:
         if names:

@@ -43,11 +43,12 @@ class ConceptTokens:
     (enlarged) embedding matrix; `restore_frozen_rows()` after every optimiser step keeps
     all other rows exactly as loaded, whatever the optimiser's weight decay did."""
 
-    tokens: tuple[str, ...]
+    tokens: tuple[str, ...]  # the learned ones first, then placeholders (rows replaced at use, never trained)
     ids: tuple[int, ...]
     tokenizer: Any  # a copy: the model's own tokenizer is resident across tasks and stays as it was
     embedding: torch.nn.Embedding
     frozen: torch.Tensor  # [V, D] the rows as loaded, new rows at their initial values
+    learned: int  # how many of `tokens` train
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.embedding.weight]
@@ -55,25 +56,32 @@ class ConceptTokens:
     @torch.no_grad()
     def restore_frozen_rows(self) -> None:
         keep = torch.ones(self.frozen.shape[0], dtype=torch.bool, device=self.frozen.device)
-        keep[list(self.ids)] = False
+        keep[list(self.ids[:self.learned])] = False
         self.embedding.weight[keep] = self.frozen[keep]
 
     def vectors(self) -> dict[str, torch.Tensor]:
-        """Each token's learned [D] embedding (fp32, on the CPU)."""
+        """Each learned token's [D] embedding (fp32, on the CPU)."""
         weight = self.embedding.weight.detach().float().cpu()
-        return {token: weight[i].clone() for token, i in zip(self.tokens, self.ids)}
+        return {token: weight[i].clone() for token, i in self._learned()}
 
     def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for token, i in zip(self.tokens, self.ids):
+            for token, i in self._learned():
                 self.embedding.weight[i] = vectors[token].to(self.embedding.weight)
+
+    def _learned(self) -> list[tuple[str, int]]:
+        return list(zip(self.tokens, self.ids))[:self.learned]
 
 
 @contextlib.contextmanager
-def added_tokens(tokenizer, text_encoder, tokens: dict[str, str]) -> Iterator[ConceptTokens]:
-    """Add `tokens` (new token -> initialiser words) for the block; each new row starts at
-    the mean embedding of its initialiser's tokens, as textual inversion's class-word init.
-    The text encoder gets its own embedding module back on exit, after whatever happens."""
+def added_tokens(tokenizer, text_encoder, tokens: dict[str, str],
+                 placeholders: dict[str, str] | None = None) -> Iterator[ConceptTokens]:
+    """Add `tokens` (new token -> initialiser words) and `placeholders` (the same, but their
+    rows never train: `embed_prompts` injects their vectors) for the block; each new row
+    starts at the mean embedding of its initialiser's tokens, as textual inversion's
+    class-word init. The text encoder gets its own embedding module back on exit."""
+    learned = len(tokens)
+    tokens = {**tokens, **(placeholders or {})}
     private = copy.deepcopy(tokenizer)
     vocab = private.get_vocab()
     # CLIP's BPE keeps a whole word as "word</w>": "mug" would silently replace the word mug
@@ -83,7 +91,10 @@ def added_tokens(tokenizer, text_encoder, tokens: dict[str, str]) -> Iterator[Co
     private.add_tokens(list(tokens))
     ids = tuple(private.convert_tokens_to_ids(list(tokens)))
     old = text_encoder.get_input_embeddings()
-    new = torch.nn.Embedding(len(private), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    # fp32 master rows whatever the encoder's dtype (a bf16 row cannot take a 5e-4 step),
+    # handed to the encoder in its own dtype; the cast passes gradients through
+    new = torch.nn.Embedding(len(private), old.embedding_dim, device=old.weight.device, dtype=torch.float32)
+    new.register_forward_hook(lambda module, inputs, rows: rows.to(old.weight.dtype))
     with torch.no_grad():
         new.weight[:old.num_embeddings] = old.weight
         for (token, words), i in zip(tokens.items(), ids):
@@ -94,16 +105,31 @@ def added_tokens(tokenizer, text_encoder, tokens: dict[str, str]) -> Iterator[Co
     new.weight.requires_grad_(True)
     text_encoder.set_input_embeddings(new)
     try:
-        yield ConceptTokens(tuple(tokens), ids, private, new, new.weight.detach().clone())
+        yield ConceptTokens(tuple(tokens), ids, private, new, new.weight.detach().clone(), learned)
     finally:
         text_encoder.set_input_embeddings(old)
 
 
-def embed_prompts(concepts: ConceptTokens, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """[B, L, D] text embeddings of `prompts`, with gradients to the new rows."""
+def embed_prompts(concepts: ConceptTokens, text_encoder, prompts: list[str],
+                  injected: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, L, D] text embeddings of `prompts`, with gradients to the new rows. `injected`
+    maps a new token to [B, D] input vectors that replace its row wherever it occurs in
+    prompt b (DETEX's per-photo pose and background, made by its mappers)."""
     ids = concepts.tokenizer(prompts, padding="max_length", max_length=concepts.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].float()
+                             truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+
+    def inject(module: torch.nn.Module, inputs: tuple, rows: torch.Tensor) -> torch.Tensor:  # rows [B, L, D]
+        for token, vectors in injected.items():
+            where = (ids == concepts.tokenizer.convert_tokens_to_ids(token))[..., None]  # [B, L, 1]
+            rows = torch.where(where, vectors[:, None, :].to(rows), rows)
+        return rows
+
+    hook = concepts.embedding.register_forward_hook(inject) if injected else None
+    try:
+        return text_encoder(ids)[0].float()
+    finally:
+        if hook:
+            hook.remove()
 
 
 def textual_inversion_files(concepts: ConceptTokens) -> dict[str, bytes]:

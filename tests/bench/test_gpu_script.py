@@ -14,8 +14,9 @@ def test_the_gpu_script_dry_run_runs_every_bench_and_summarises(tmp_path):
                           timeout=900, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
-    for bench in ("tune", "joint", "oneactor"):
+    for bench in ("tune", "joint", "oneactor", "tokens"):
         assert json.loads((tmp_path / bench / "results.json").read_text())
     assert json.loads((tmp_path / "peak.json").read_text())["tflop_per_s"] > 0
     summary = done.stdout[done.stdout.index("matmul peak"):]
     assert "pipeline SFO" in summary and "of peak" in summary and "oneactor: to train" in summary
+    assert "detex training steps/s: SFT" in summary

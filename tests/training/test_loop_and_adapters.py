@@ -55,7 +55,8 @@ def test_an_adapter_loads_into_a_plain_diffusers_pipeline_and_changes_its_output
 @pytest.mark.parametrize("option", [
     {"train": {"optimizer": "sgd"}},
     {"train": {"optimizer": "prodigy", "learning_rate": 1.0}, "sfo": {"learning_rate": 1.0},
-     "joint": {"learning_rate": 1.0}, "oneactor": {"learning_rate": 1.0}},
+     "joint": {"learning_rate": 1.0}, "oneactor": {"learning_rate": 1.0},
+     "detex": {"learning_rate": 1.0, "kv_learning_rate": 1.0}},
     {"train": {"gradient_accumulation": 2, "batch_size": 2}},
     {"train": {"gradient_checkpointing": True}},
     {"sft": {"prior_preservation": True, "class_images": 2}},

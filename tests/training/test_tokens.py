@@ -50,6 +50,16 @@ def test_only_the_new_rows_train_and_the_model_is_given_back(pipe):
     assert torch.equal(encoder.get_input_embeddings().weight, before)
 
 
+def test_new_rows_train_in_fp32_beside_a_bf16_text_encoder():
+    pipe = build_pipeline(seed=0)
+    encoder = pipe.text_encoder.to(torch.bfloat16)
+    with added_tokens(pipe.tokenizer, encoder, {"<mug>": "mug"}) as concepts:
+        assert concepts.embedding.weight.dtype == torch.float32
+        embeds = embed_prompts(concepts, encoder, ["a photo of <mug>"])
+        embeds.sum().backward()
+        assert concepts.embedding.weight.grad[concepts.ids[0]].abs().sum() > 0
+
+
 def test_a_token_that_is_already_a_word_is_refused(pipe):
     with pytest.raises(ValueError, match="already words"), added_tokens(pipe.tokenizer, pipe.text_encoder, {"mug": "cup"}):
         pass
