@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "diversity metrics into the metrics table")
     p.add_argument("--subject", action="append", help="subject (repeatable; default: every subject)")
     p.add_argument("--method", action="append", help=METHOD_HELP)
+    _add_set(p)
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 

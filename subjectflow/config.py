@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "SUBJECTFLOW_"
 
@@ -169,6 +169,11 @@ class GenerateConfig(_Section):
     # training photo's (its image id, file name, or 1-based number in the set); "" = subject only.
     keep_pose: str = added("", neutral="")
     keep_background: str = added("", neutral="")
+
+    @field_validator("keep_pose", "keep_background", mode="before")
+    @classmethod
+    def _a_photo_number_is_a_name(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # --set ...=2
 
 
 class AugmentConfig(_Section):

@@ -268,7 +268,7 @@ CLUSTERS = TableSpec(
 # One score per row, so a trend across catalog versions is a filter and a group-by.
 METRICS = TableSpec(
     "metrics",
-    version=2,
+    version=3,
     key=("evaluation_id", "metric"),
     fields=(
         pa.field("evaluation_id", pa.string(), nullable=False),  # hash of what was generated and how scored
@@ -295,8 +295,11 @@ METRICS = TableSpec(
         # For a model shared across subjects: "heldout" (it never trained on this subject:
         # zero-shot) or "in-catalog" (it did); null for a per-subject model.
         pa.field("split", pa.string(), nullable=True),
+        # A method's sampling variant beyond its artefact ("keep pose 2" for DETEX); null = plain.
+        pa.field("variant", pa.string(), nullable=True),
     ),
-    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2), ("masker", 2), ("split", 2)),
+    added=(("protocol", 2), ("prompt_count", 2), ("images_per_prompt", 2), ("masker", 2), ("split", 2),
+           ("variant", 3)),
 )
 
 # Per-prompt values of every evaluation (join `metrics` on evaluation_id for the rest), so

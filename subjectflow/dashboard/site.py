@@ -222,17 +222,17 @@ def group_by(rows: Iterable[dict], key: str) -> dict[str, list[dict]]:
 
 
 def latest_scores(rows: Iterable[dict]) -> dict[str, dict[str, dict]]:
-    """method -> metric -> row, from each method's newest catalog version; at one
+    """method as scored (`scored_as`) -> metric -> row, from each one's newest catalog version; at one
     version a later evaluation replaces an earlier one."""
     def version(row: dict) -> int:
         return -1 if row["catalog_version"] is None else row["catalog_version"]
 
     rows = sorted(rows, key=lambda r: (version(r), r["evaluated_at"]))
-    newest = {r["method"]: version(r) for r in rows}
+    newest = {scored_as(r): version(r) for r in rows}
     scores: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in rows:
-        if version(row) == newest[row["method"]]:
-            scores[row["method"]][row["metric"]] = row
+        if version(row) == newest[scored_as(row)]:
+            scores[scored_as(row)][row["metric"]] = row
     return dict(scores)
 
 
@@ -240,7 +240,7 @@ def metric_trends(metrics: pa.Table) -> list[Trend]:
     """Each metric's value averaged per (method, split, catalog version), a shared model's
     in-catalog scores as a line of their own; unversioned rows are left out."""
     versioned = metrics.filter(pc.is_valid(metrics["catalog_version"]))
-    grouped = versioned.group_by(["metric", "method", "split", "catalog_version"]).aggregate(
+    grouped = versioned.group_by(["metric", "method", "split", "variant", "catalog_version"]).aggregate(
         [("value", "mean"), ("scorer_kind", "distinct")])
     series: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     flags: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))

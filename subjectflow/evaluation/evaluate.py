@@ -37,6 +37,7 @@ class Evaluation:
     catalog_version: int | None  # the version the model was trained on
     artefacts: Artefacts  # the rows it samples with (its own and what it stacks on)
     split: str | None = None  # a shared model's: heldout (zero-shot) or in-catalog; None per subject
+    variant: str | None = None  # the method's sampling variant (Method.variant); None = plain
 
 
 @dataclass
@@ -49,7 +50,8 @@ class EvaluationPlan:
 def _settings(config: Config, models_dir: Path) -> dict:
     return {"evaluate": config.evaluate.identity(mode="json"),
             "scorers": scorer_names(config.evaluate, models_dir),
-            "generate": config.generate.identity(exclude={"seed"}),
+            # what a kept photo changes is the method's variant, hashed per method below
+            "generate": config.generate.identity(exclude={"seed", "keep_pose", "keep_background"}),
             "joint": config.joint.model_dump(include={"references", "max_references", "image_guidance",
                                                       "text_guidance"})}
 
@@ -97,15 +99,18 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
             row = rows[method]
             ref = row[registry.get(method).table.key[0]]
             extra = registry.get(method).sampling_settings(config)
+            variant = registry.get(method).variant(config)
             evaluation_id = stable_hash([subject.subject_id, subject.inputs_hash, method, ref, prompts.name,
-                                         seeds(config), settings] + ([extra] if extra is not None else []))
+                                         seeds(config), settings] + ([extra] if extra is not None else [])
+                                        + ([variant] if variant is not None else []))
             if evaluation_id in evaluated:
                 plan.done.append(label)
                 continue
             if method not in trained:
                 trained[method] = registry.get(method).trained_on(ctx)
             split = None if trained[method] is None else IN_CATALOG if subject.subject_id in trained[method] else HELDOUT
-            plan.todo.append(Evaluation(subject, method, ref, evaluation_id, row["trained_on_version"], rows, split))
+            plan.todo.append(Evaluation(subject, method, ref, evaluation_id, row["trained_on_version"], rows, split,
+                                        variant))
     return plan
 
 
@@ -134,7 +139,7 @@ def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, masker: Masker) ->
              "prompt_set": prompts.name, "seeds": seeds(config), "n_images": s.n_images, "scorer": s.scorer,
              "scorer_kind": s.scorer_kind, "catalog_version": job.catalog_version, "evaluated_at": now,
              "protocol": config.evaluate.protocol or None, "prompt_count": len(prompts.prompts),
-             "images_per_prompt": n, "masker": masker.name, "split": job.split}
+             "images_per_prompt": n, "masker": masker.name, "split": job.split, "variant": job.variant}
             for s in scores if s.prompt is None]  # the subject's overall values (the metrics key)
     per_prompt = [{"evaluation_id": job.evaluation_id, "subject_id": subject.subject_id, "method": job.method,
                    "metric": s.metric, "prompt": s.prompt, "value": s.value, "n_images": s.n_images}

@@ -93,6 +93,11 @@ class Method:
         """Settings beyond `generate` that decide its images, hashed into evaluation ids."""
         return None
 
+    def variant(self, config: Config) -> str | None:
+        """A name for sampling settings that make a different model of the same artefact
+        (scored and reported apart, as `metrics.variant`); None = its plain sampling."""
+        return None
+
     def negatives(self, ctx: Context, subject: Subject, artefacts: Artefacts) -> list[dict]:
         """The subject's CDNS negatives this method trains on, made when missing."""
         raise NotImplementedError(f"method {self.name!r} makes no negatives")

@@ -61,8 +61,9 @@ TRAIN, HELDOUT, IN_CATALOG = "train", "heldout", "in-catalog"
 
 def scored_as(row: dict) -> str:
     """The name a `metrics` row is reported under: a shared model's scores on subjects it
-    trained on are never shown as its zero-shot scores."""
-    return f"{row['method']} (in-catalog)" if row.get("split") == IN_CATALOG else row["method"]
+    trained on are never shown as its zero-shot scores, nor a variant's as the plain method's."""
+    name = f"{row['method']} [{row['variant']}]" if row.get("variant") else row["method"]
+    return f"{name} (in-catalog)" if row.get("split") == IN_CATALOG else name
 
 
 def is_heldout(subject: Subject, holdout: tuple[str, ...] | float, seed: int) -> bool:

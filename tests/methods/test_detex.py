@@ -15,7 +15,7 @@ from subjectflow.methods import registry
 from subjectflow.methods.detex import detex_objective, train_detex
 from subjectflow.methods.detex.model import AttributeMapper, DetexWeights
 from subjectflow.training.loop import step_generator
-from subjectflow.training.subjects import TuningError, load_subject
+from subjectflow.training.subjects import TuningError, load_subject, scored_as
 from tests.training.conftest import context, ingested_catalog, tiny_config
 
 DETEX = {"steps": 4, "mapper_hidden": 16, "learning_rate": 1e-2, "kv_learning_rate": 1e-2}
@@ -158,13 +158,19 @@ def test_tune_and_generate_with_kept_attributes_through_the_cli(tmp_path, capfd)
     assert _cli(catalog, tiny_config(detex=DETEX), "tune", "--method", "detex", "--subject", "red_mug",
                 "--steps", "2") == 0
     assert "--steps 2 sets detex.steps" in capfd.readouterr().out
-    cli = lambda *args: _cli(catalog, tiny_config(detex={**DETEX, "steps": 2}), *args)  # noqa: E731
+    evaluate = {"prompts": 1, "images_per_prompt": 1, "methods": ["detex"]}
+    cli = lambda *args: _cli(catalog, tiny_config(detex={**DETEX, "steps": 2}, evaluate=evaluate), *args)  # noqa: E731
     photos = load_subject(catalog, "red_mug").images
     assert cli("generate", "--method", "detex", "--subject", "red_mug", "--keep-pose", "2",
                "--keep-background", photos[0]["image_id"][:8]) == 0
     row = catalog.read("samples").to_pylist()[-1]
     assert json.loads(row["params"]) == {"keep_pose": photos[1]["image_id"], "keep_background": photos[0]["image_id"]}
     assert row["prompt"].endswith(", with <pose> pose, in <background> background")
+    # with and without a kept pose: two evaluations, reported apart
+    assert cli("evaluate") == 0 and cli("evaluate", "--set", "generate.keep_pose=1") == 0
+    metrics = catalog.read("metrics").to_pylist()
+    assert {scored_as(m) for m in metrics} == {"detex", "detex [keep pose 1]"}
+    assert len({m["evaluation_id"] for m in metrics}) == 2
     capfd.readouterr()
     assert cli("generate", "--method", "sft", "--subject", "red_mug", "--keep-pose", "1") == 2
     err = capfd.readouterr().err

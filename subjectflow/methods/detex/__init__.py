@@ -162,6 +162,11 @@ class Detex(Method):
                references: int | None = None) -> list[dict]:
         return sample_detex(ctx, subject, artefacts[NAME], prompt, n)
 
+    def variant(self, config: Config) -> str | None:
+        kept = [f"{name} {value}" for name, value in (("pose", config.generate.keep_pose),
+                                                       ("background", config.generate.keep_background)) if value]
+        return f"keep {', '.join(kept)}" if kept else None
+
     def export(self, ctx: Context, subject: Subject | None, artefacts: Artefacts, out: Path) -> list[Path]:
         files = super().export(ctx, subject, artefacts, out)
         weights = DetexWeights.read(ctx.catalog.blob_path(artefacts[NAME]["file"]))
