@@ -218,6 +218,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         subjects = sorted(catalog.read("subjects").column("subject_id").to_pylist())
     method = None if args.method == "base" else args.method
     registry.check_sampling(config, method)  # before a flow starts, so a usage error is one line
+    if method is not None:
+        from subjectflow.methods.base import Context
+
+        ctx = Context.open(catalog, config)
+        blockers = [why for s in subjects if (why := registry.sampling_blocker(ctx, method, s))]
+        if blockers:
+            raise CatalogError("; ".join(blockers))
     samples = generate_flow(str(catalog.root), args.prompt, subjects, method, args.n, config, args.references)
     for row in samples:
         print(f"{row['subject_id'] or '-':<20} {row['method']:<8} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")

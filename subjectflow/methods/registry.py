@@ -247,8 +247,21 @@ def sample(ctx: Context, name: str | None, subject: str | None, prompt: str, n: 
         raise TuningError(f"{name} samples with a subject's adapter: name a subject with --subject")
     rows, why = current(ctx, name, found)
     if why:
-        raise TuningError(f"{found.name if found else 'catalog'}: {why}")
+        raise TuningError(_unavailable(ctx, method, found, why))
     return method.sample(ctx, found, rows, prompt, n, references)
+
+
+def _unavailable(ctx: Context, method: Method, found: Subject | None, why: str) -> str:
+    return f"{found.name if found else 'catalog'}: {why}{_other_settings(ctx, method, found)}"
+
+
+def sampling_blocker(ctx: Context, name: str, subject: str | None) -> str | None:
+    """Why `name` cannot sample for `subject` now, with what differs from the catalog's
+    artefact and the `--set` that uses it; None when it can. Nothing is loaded or trained."""
+    method = get(name)
+    found = _subject(ctx, method, subject)
+    _, why = current(ctx, name, found)
+    return _unavailable(ctx, method, found, why) if why else None
 
 
 def export(ctx: Context, name: str, subject: str | None, out: Path) -> list[Path]:

@@ -158,6 +158,10 @@ def test_tune_and_generate_with_kept_attributes_through_the_cli(tmp_path, capfd)
     assert _cli(catalog, tiny_config(detex=DETEX), "tune", "--method", "detex", "--subject", "red_mug",
                 "--steps", "2") == 0
     assert "--steps 2 sets detex.steps" in capfd.readouterr().out
+    # the config's 4 steps would make another adapter: said in one line, with the --set that uses this one
+    assert _cli(catalog, tiny_config(detex=DETEX), "generate", "--method", "detex", "--subject", "red_mug") == 2
+    err = capfd.readouterr().err
+    assert "detex.steps 2 there, 4 now" in err and "`--set detex.steps=2` uses it" in err and "Traceback" not in err
     evaluate = {"prompts": 1, "images_per_prompt": 1, "methods": ["detex"]}
     cli = lambda *args: _cli(catalog, tiny_config(detex={**DETEX, "steps": 2}, evaluate=evaluate), *args)  # noqa: E731
     photos = load_subject(catalog, "red_mug").images
