@@ -111,9 +111,9 @@ def train(
     `stop_after` ends the run early (as an interruption would), after checkpointing.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    params = objective.parameters()
     groups = (objective.parameter_groups(learning_rate) if hasattr(objective, "parameter_groups")
-              else [{"params": params, "lr": learning_rate}])
+              else [{"params": objective.parameters(), "lr": learning_rate}])
+    params = [p for group in groups for p in group["params"]]  # what is clipped: exactly what is optimised
     for group in groups:
         group["initial_lr"] = group["lr"]  # what warm-up scales (torch's schedulers' key)
     optimizer = make_optimizer(groups, config, learning_rate)

@@ -63,12 +63,12 @@ def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, bas
         load_lora_file(parts.unet, path, name)
     if names:
         pipe.set_adapters(names)
+    prompt = {"prompt": text} if embeds is None else {"prompt_embeds": embeds.to(parts.unet.dtype)}
     rows = []
     try:
         with progress(n, f"generate {method}", unit="image") as shown:
             for i in range(n):
                 seed = cfg.seed + i
-                prompt = {"prompt": text} if embeds is None else {"prompt_embeds": embeds.to(parts.unet.dtype)}
                 image = pipe(**prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
                              width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
                 rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id if subject else None,

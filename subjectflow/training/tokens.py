@@ -61,8 +61,8 @@ class ConceptTokens:
 
     def vectors(self) -> dict[str, torch.Tensor]:
         """Each learned token's [D] embedding (fp32, on the CPU)."""
-        weight = self.embedding.weight.detach().float().cpu()
-        return {token: weight[i].clone() for token, i in self._learned()}
+        weight = self.embedding.weight.detach()  # index first: SD's full matrix is 150 MB per copy
+        return {token: weight[i].float().cpu().clone() for token, i in self._learned()}
 
     def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
