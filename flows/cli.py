@@ -213,21 +213,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from subjectflow.methods import registry
 
     catalog, config = _config(args)
-    subjects = _subjects(args)
+    method = None if args.method == "base" else args.method
+    if method is not None and registry.get(method).named_sets:
+        subjects = [None]  # the prompt's tokens pick what it samples with
+    else:
+        subjects = _subjects(args)
     if subjects is None:
         subjects = sorted(catalog.read("subjects").column("subject_id").to_pylist())
-    method = None if args.method == "base" else args.method
     registry.check_sampling(config, method)  # before a flow starts, so a usage error is one line
     if method is not None:
         from subjectflow.methods.base import Context
 
         ctx = Context.open(catalog, config)
-        blockers = [why for s in subjects if (why := registry.sampling_blocker(ctx, method, s))]
+        blockers = [why for s in subjects if (why := registry.sampling_blocker(ctx, method, s, args.prompt))]
         if blockers:
             raise CatalogError("; ".join(blockers))
     samples = generate_flow(str(catalog.root), args.prompt, subjects, method, args.n, config, args.references)
     for row in samples:
         print(f"{row['subject_id'] or '-':<20} {row['method']:<8} seed {row['seed']:<4} {catalog.blob_path(row['file'])}")
+    return 0
+
+
+def cmd_concepts_learn(args: argparse.Namespace) -> int:
+    from flows.tune import learn_concepts_flow
+    from subjectflow.methods import registry
+    from subjectflow.methods.base import Context
+
+    catalog, config = _config(args)
+    if args.steps is not None:
+        section, key = registry.learner().steps_setting.split(".")
+        config = load_config(catalog.params_file, _merge(_overrides(args), {section: {key: args.steps}}))
+    ctx = Context.open(catalog, config)
+    why = registry.learning_blocker(ctx, args.name, args.sources)
+    if why:
+        raise CatalogError(why)
+    run = learn_concepts_flow(str(catalog.root), args.name, args.sources, config)
+    print(run.summary())
+    if not run.failures:
+        print(registry.set_report(ctx, args.name))
+    return 1 if run.failures else 0
+
+
+def cmd_concepts_show(args: argparse.Namespace) -> int:
+    from subjectflow.methods import registry
+    from subjectflow.methods.base import Context
+
+    catalog, config = _config(args)
+    print(registry.set_report(Context.open(catalog, config), args.name))
+    return 0
+
+
+def cmd_concepts_export(args: argparse.Namespace) -> int:
+    from subjectflow.methods import registry
+    from subjectflow.methods.base import Context
+
+    catalog, config = _config(args)
+    for path in registry.export_set(Context.open(catalog, config), args.name, Path(args.out)):
+        print(path)
     return 0
 
 
@@ -429,6 +471,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", help="the subject, for per-subject methods")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the weights and manifest.json into")
     _add_catalog(p)
+
+    sets = command("concepts", lambda a: 2, "learn named concept sets (a subject, a region of a photo; up to "
+                   "three) as tokens and masks by EM, then compose them in prompts")
+    csub = sets.add_subparsers(dest="set_command", required=True, metavar="ACTION")
+    p = csub.add_parser("learn", help="learn (or reuse) a concept set: its tokens, and masks refined every E-step",
+                        description="learn (or reuse) a concept set: one token per concept, its mask in each photo "
+                                    "re-estimated from the token's attention every few steps (the E-step); "
+                                    "then name its tokens in a prompt: `subjectflow generate --method METHOD "
+                                    "--prompt 'a photo of <a> on <b>'` with the method `subjectflow methods` lists "
+                                    "for named sets")
+    p.set_defaults(fn=cmd_concepts_learn)
+    p.add_argument("name", help="the set's name")
+    p.add_argument("--from", dest="sources", action="append", required=True, metavar="SOURCE",
+                   help="a concept (repeatable, up to 3): subject:NAME[=TOKEN] (a subject's photo set) or "
+                        "image:PHOTO[:subject|background][=TOKEN] (a region of one photo: id, file name or "
+                        "SUBJECT/FILE); the token is <TOKEN>, by default <NAME> or <SUBJECT_REGION>")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="training steps (default: the method's steps setting, `subjectflow methods` shows it)")
+    _add_set(p)
+    p.add_argument("--model", help="base model (default: model.base)")
+    _add_catalog(p)
+    p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+    for name, fn, help in (("show", cmd_concepts_show, "a concept set's tokens and its masks' IoU per EM iteration"),
+                           ("export", cmd_concepts_export, "write a concept set as files stock diffusers loads")):
+        p = csub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        p.add_argument("name", help="the set's name")
+        if name == "export":
+            p.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
+        _add_set(p)
+        _add_catalog(p)
 
     catalog = command("catalog", lambda a: 2, "inspect a catalog")
     csub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")

@@ -16,8 +16,8 @@ from subjectflow.config import Config
 from subjectflow.methods import registry
 from subjectflow.methods.registry import TuneOutcome
 from tasks.tune import (
-    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, negatives_task, stale_subjects_task,
-    tune_task,
+    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, learn_task, negatives_task,
+    stale_subjects_task, tune_task,
 )
 
 
@@ -102,6 +102,15 @@ def negatives_flow(catalog: str, method: str, subjects: list[str] | None = None,
     todo = subjects if subjects else sorted(Catalog.open(root).read("subjects").column("subject_id").to_pylist())
     futures = negatives_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
     return _finish(root, _collect(futures, todo), config)
+
+
+@flow(name="learn-concepts", log_prints=True)
+def learn_concepts_flow(catalog: str, name: str, sources: list[str], config: Config | None = None) -> TuneRun:
+    """Learn the concept set `name` from `sources` (subjects or photo regions); one version."""
+    root = Catalog.open(Path(catalog)).root
+    config = config_for(Catalog.open(root), config)
+    ensure_gpu_limit_task(device_slots())
+    return _finish(root, _collect([learn_task.submit(root, name, sources, config)], [name]), config)
 
 
 @flow(name="generate", log_prints=True)

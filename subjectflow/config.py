@@ -273,6 +273,23 @@ class DetexConfig(_Section):
     prior_weight: float = Field(1.0, ge=0)
 
 
+class ConceptsConfig(_Section):
+    """Concept tokens and their masks learned by EM (METHODS.md section 5); which concepts
+    a run learns is `subjectflow concepts learn NAME --from ...`, not configuration."""
+
+    steps: int = Field(400, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)  # the token rows, Break-A-Scene's phase-1 rate
+    kv: bool = False  # also a LoRA on the cross-attention K/V (off: tokens alone, composable)
+    kv_learning_rate: float = Field(1e-4, gt=0)
+    kv_rank: int = Field(4, ge=1)
+    e_step_every: int = Field(100, ge=1)  # M-steps between E-steps
+    # the noise levels whose attention each E-step averages (of the scheduler's 1000)
+    e_step_timesteps: tuple[int, ...] = Field((200, 400, 600), min_length=1)
+    refine: Literal["auto", "crf", "otsu"] = "auto"  # auto: the dense CRF when pydensecrf2 is installed
+    init: Literal["ingest", "attention"] = "ingest"  # first masks: ingest's, or the base model's attention
+    mask_loss: Literal["area", "image"] = "area"
+
+
 class EvaluateConfig(_Section):
     """Scoring generated images the way the field does (DreamBench-style)."""
 
@@ -316,6 +333,7 @@ class Config(_Section):
     joint: JointConfig = JointConfig()
     oneactor: OneActorConfig = OneActorConfig()
     detex: DetexConfig = DetexConfig()
+    concepts: ConceptsConfig = ConceptsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     versioning: VersioningConfig = VersioningConfig()
 
@@ -323,8 +341,10 @@ class Config(_Section):
     def _prodigy_reads_learning_rates_as_multipliers(self) -> "Config":
         if self.train.optimizer != "prodigy":
             return self
-        rates = {f"{name}.learning_rate": getattr(self, name).learning_rate for name in ("train", "sfo", "joint", "oneactor", "detex")}
+        rates = {f"{name}.learning_rate": getattr(self, name).learning_rate for name in ("train", "sfo", "joint", "oneactor", "detex",
+                                                                                     "concepts")}
         rates["detex.kv_learning_rate"] = self.detex.kv_learning_rate
+        rates["concepts.kv_learning_rate"] = self.concepts.kv_learning_rate
         off = [f"{name} ({rate:g})" for name, rate in rates.items() if not 0.1 <= rate <= 10]
         if off:
             raise ValueError(f"train.optimizer prodigy estimates the step size itself and reads a learning rate as "

@@ -127,6 +127,13 @@ def negatives_task(catalog_root: Path, subject: str, method: str, config: Config
         return registry.negatives(method_context(catalog_root, placed), method, subject)
 
 
+@task(name="learn-concepts", task_run_name="learn-concepts-{name}")
+def learn_task(catalog_root: Path, name: str, sources: list[str], config: Config) -> TuneOutcome:
+    """The named concept set from its sources (reused when already learned)."""
+    with device_slot(config) as placed:
+        return registry.learn(method_context(catalog_root, placed), name, sources)
+
+
 @task(name="build-jointsets")
 def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | None = None) -> JointSetsReport:
     catalog = Catalog.open(catalog_root)

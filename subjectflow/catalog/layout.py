@@ -65,10 +65,13 @@ STAGES: dict[str, Stage] = {
             # Every method's artefacts, and the negatives some train on, are made here: a
             # method's chain (adapter -> negatives -> adapter) runs in one stage. Which
             # methods run is evaluate.methods, hence that section among the params.
-            tables=("negatives", "adapters", "models", "class_images", "clusters", "train_log"),
-            blob_kinds=("negatives", "adapters", "models", "class_images", "clusters"),
+            # Concept sets are learned on request (`subjectflow concepts learn`), not by this
+            # stage's command, but live with the other trained artefacts.
+            tables=("negatives", "adapters", "models", "class_images", "clusters", "concept_masks", "train_log"),
+            blob_kinds=("negatives", "adapters", "models", "class_images", "clusters", "concept_masks"),
             dirs=(MODELS_DIR,),
-            params=("model", "train", "sft", "sfo", "negatives", "joint", "oneactor", "detex", "evaluate"),
+            params=("model", "train", "sft", "sfo", "negatives", "joint", "oneactor", "detex", "concepts",
+                    "evaluate"),
             command="subjectflow tune --all --catalog {catalog} --no-version",
             needs=("subjects", "images", "jointsets"),
         ),

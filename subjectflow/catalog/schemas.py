@@ -265,6 +265,27 @@ CLUSTERS = TableSpec(
     ),
 )
 
+# Every E-step's mask of every concept in every photo of a concept set (a `models` row),
+# iteration 0 being the masks EM started from, so a run's convergence can be read back.
+CONCEPT_MASKS = TableSpec(
+    "concept_masks",
+    version=1,
+    key=("model_id", "iteration", "concept", "image_id"),
+    fields=(
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("concept", pa.string(), nullable=False),  # its token, as prompts write it
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),  # subject | background: of the ingest mask
+        pa.field("iteration", pa.int32(), nullable=False),  # E-step number; 0 = the initial masks
+        pa.field("step", pa.int32(), nullable=False),  # the training step it followed
+        pa.field("file", pa.string(), nullable=False),  # png, 255 = the concept
+        pa.field("coverage", pa.float32(), nullable=False),  # its share of the photo
+        pa.field("iou_ingest", pa.float32(), nullable=False),  # against the ingest mask's region
+        pa.field("iou_exact", pa.float32(), nullable=True),  # against a drawn demo photo's true mask
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ),
+)
+
 # One score per row, so a trend across catalog versions is a filter and a group-by.
 METRICS = TableSpec(
     "metrics",
@@ -341,5 +362,5 @@ RUNS = TableSpec(
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES,
-                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, METRICS, PROMPT_METRICS, RUNS)
+                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, CONCEPT_MASKS, METRICS, PROMPT_METRICS, RUNS)
 }

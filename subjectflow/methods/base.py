@@ -68,6 +68,10 @@ class Method:
     steps_setting: str = "train.steps"  # what `tune --method NAME --steps N` sets
     usage: str = ""  # for an exported model card: how it samples, when that is more than txt2img
     keeps_attributes: bool = False  # honours generate.keep_pose / keep_background (a training photo's)
+    # Its artefacts are sets a user learns by name from chosen photos (`subjectflow concepts
+    # learn`), and a prompt's tokens pick the set it samples with: `learn`, `named`, `for_prompt`,
+    # `learning_blocker`, `report`.
+    named_sets: bool = False
 
     def enabled(self, config: Config) -> bool:
         """False when the configuration switches the method off (the refresh skips it)."""
@@ -88,6 +92,26 @@ class Method:
         """n images of `prompt` (holding `{subject}`) for the subject, recorded in `samples`.
         `references` caps how many of the subject's photos a reference-driven method shows."""
         raise NotImplementedError
+
+    def learn(self, ctx: Context, name: str, sources: list[str], stop_after: int | None = None) -> dict:
+        """Learn (or reuse) the set `name` from `sources` and return its row."""
+        raise NotImplementedError(f"method {self.name!r} learns no named sets")
+
+    def named(self, ctx: Context, name: str) -> tuple[Artefacts, str | None]:
+        """The newest set called `name`, or ({}, why not)."""
+        raise NotImplementedError(f"method {self.name!r} learns no named sets")
+
+    def learning_blocker(self, ctx: Context, name: str, sources: list[str]) -> str | None:
+        """Why `sources` cannot be learned as set `name` (nothing is loaded); None when they can."""
+        raise NotImplementedError(f"method {self.name!r} learns no named sets")
+
+    def report(self, ctx: Context, artefacts: Artefacts) -> str:
+        """A named set's summary for `subjectflow concepts show`."""
+        raise NotImplementedError(f"method {self.name!r} learns no named sets")
+
+    def for_prompt(self, ctx: Context, prompt: str) -> tuple[Artefacts, str | None]:
+        """The set holding the tokens `prompt` names, or ({}, why not)."""
+        raise NotImplementedError(f"method {self.name!r} learns no named sets")
 
     def sampling_settings(self, config: Config) -> dict | None:
         """Settings beyond `generate` that decide its images, hashed into evaluation ids."""

@@ -225,6 +225,42 @@ def negatives(ctx: Context, name: str, subject: str) -> TuneOutcome:
     return TuneOutcome(found.name, f"negatives ({name})", needs[method.needs[-1]], ctx.made, ctx.reused, made)
 
 
+def learner() -> Method:
+    """The method that `subjectflow concepts` drives: the one that learns named sets."""
+    found = [m for m in METHODS.values() if m.named_sets]
+    if not found:
+        raise TuningError("no registered method learns named concept sets")
+    return found[0]
+
+
+def learn(ctx: Context, set_name: str, sources: list[str], stop_after: int | None = None) -> TuneOutcome:
+    """Learn the named set from `sources` (or reuse it, when these photos and settings made it)."""
+    method = learner()
+    row = method.learn(ctx, set_name, sources, stop_after)
+    return TuneOutcome(set_name, method.name, row, ctx.made, ctx.reused)
+
+
+def learning_blocker(ctx: Context, set_name: str, sources: list[str]) -> str | None:
+    """Why `sources` name no concept set (a bad source, an unknown photo); None when fine."""
+    return learner().learning_blocker(ctx, set_name, sources)
+
+
+def set_report(ctx: Context, set_name: str) -> str:
+    """The named set's tokens, and how its masks moved over the EM iterations."""
+    return learner().report(ctx, named_set(ctx, set_name))
+
+
+def named_set(ctx: Context, set_name: str) -> Artefacts:
+    rows, why = learner().named(ctx, set_name)
+    if why:
+        raise TuningError(why)
+    return rows
+
+
+def export_set(ctx: Context, set_name: str, out: Path) -> list[Path]:
+    return learner().export(ctx, None, named_set(ctx, set_name), out)
+
+
 def check_sampling(config: Config, name: str | None) -> None:
     """Refuse generate settings the method (None: the base model) would silently ignore."""
     if (config.generate.keep_pose or config.generate.keep_background) and not (name and get(name).keeps_attributes):
@@ -245,23 +281,26 @@ def sample(ctx: Context, name: str | None, subject: str | None, prompt: str, n: 
     method = get(name)
     if found is None and not method.shared:
         raise TuningError(f"{name} samples with a subject's adapter: name a subject with --subject")
-    rows, why = current(ctx, name, found)
+    rows, why = _sampling_rows(ctx, method, found, prompt)
     if why:
-        raise TuningError(_unavailable(ctx, method, found, why))
+        raise TuningError(why)
     return method.sample(ctx, found, rows, prompt, n, references)
 
 
-def _unavailable(ctx: Context, method: Method, found: Subject | None, why: str) -> str:
-    return f"{found.name if found else 'catalog'}: {why}{_other_settings(ctx, method, found)}"
+def _sampling_rows(ctx: Context, method: Method, found: Subject | None, prompt: str) -> tuple[Artefacts, str | None]:
+    if method.named_sets:
+        return method.for_prompt(ctx, prompt)
+    rows, why = current(ctx, method.name, found)
+    return rows, why and f"{found.name if found else 'catalog'}: {why}{_other_settings(ctx, method, found)}"
 
 
-def sampling_blocker(ctx: Context, name: str, subject: str | None) -> str | None:
-    """Why `name` cannot sample for `subject` now, with what differs from the catalog's
-    artefact and the `--set` that uses it; None when it can. Nothing is loaded or trained."""
+def sampling_blocker(ctx: Context, name: str, subject: str | None, prompt: str = "") -> str | None:
+    """Why `name` cannot sample `prompt` for `subject` now, with what differs from the
+    catalog's artefact and the `--set` that uses it; None when it can. Nothing is loaded or
+    trained."""
     method = get(name)
-    found = _subject(ctx, method, subject)
-    _, why = current(ctx, name, found)
-    return _unavailable(ctx, method, found, why) if why else None
+    found = None if method.named_sets else _subject(ctx, method, subject)
+    return _sampling_rows(ctx, method, found, prompt)[1]
 
 
 def export(ctx: Context, name: str, subject: str | None, out: Path) -> list[Path]:
@@ -278,7 +317,8 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
     """What `subjectflow methods` prints."""
     lines = []
     for name, method in METHODS.items():
-        scope = "shared by every subject" if method.shared else "per subject"
+        scope = ("named sets of chosen photos (`subjectflow concepts learn`)" if method.named_sets
+                 else "shared by every subject" if method.shared else "per subject")
         needs = f"; needs {', '.join(method.needs)}" if method.needs else ""
         needs += "; keeps a training photo's pose/background (--keep-pose/--keep-background)" if method.keeps_attributes else ""
         lines.append(f"{name:<10} {method.summary}\n{'':<10} {scope}{needs}; config: {', '.join(method.sections)}; "
@@ -290,9 +330,10 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
 
 
 def _register_builtin() -> None:
-    from . import detex, jedi, oneactor, sfo, sft
+    from . import concepts, detex, jedi, oneactor, sfo, sft
 
-    for method in (sft.METHOD, sfo.METHOD, jedi.METHOD, jedi.SFO_METHOD, oneactor.METHOD, detex.METHOD):
+    for method in (sft.METHOD, sfo.METHOD, jedi.METHOD, jedi.SFO_METHOD, oneactor.METHOD, detex.METHOD,
+                   concepts.METHOD):
         register(method)
 
 

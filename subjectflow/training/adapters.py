@@ -49,6 +49,19 @@ def trained_adapter(unet: UNet2DConditionModel, rank: int, adapter_name: str, se
         unet.delete_adapters(adapter_name)
 
 
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """No gradients collect on `module`'s weights for the block (only inputs such as new
+    token rows train through it); the flags come back for methods that train it after."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 def freeze_all_but(unet: UNet2DConditionModel, adapter_name: str | None) -> None:
     # peft's set_adapter() marks every active adapter trainable; re-assert who trains.
     for name, p in unet.named_parameters():

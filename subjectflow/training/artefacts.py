@@ -73,9 +73,9 @@ def find_row(catalog: Catalog, table: TableSpec, key: str) -> dict | None:
 
 
 def record_trained(catalog: Catalog, table: TableSpec, blob_kind: str, row: dict, history: list[dict],
-                   file_bytes: bytes) -> dict:
-    """Store a trained artefact's weights, its `table` row (adapters or models) and its
-    per-step metrics in `train_log`, in one locked write."""
+                   file_bytes: bytes, also: tuple[tuple[TableSpec, list[dict]], ...] = ()) -> dict:
+    """Store a trained artefact's weights, its `table` row (adapters or models), its
+    per-step metrics in `train_log` and any rows `also` holds about it, in one locked write."""
     versions = list_versions(catalog)
     row = {**row, "file": catalog.put_blob(blob_kind, file_bytes, ".safetensors"), "created_at": utcnow(),
            "trained_on_version": versions[0].number if versions else None}
@@ -83,5 +83,7 @@ def record_trained(catalog: Catalog, table: TableSpec, blob_kind: str, row: dict
            for h in history for k, v in h.items() if k != "step"]
     with catalog.writer():
         catalog.upsert(TRAIN_LOG.name, pa.Table.from_pylist(log, schema=TRAIN_LOG.schema))
+        for spec, rows in also:
+            catalog.upsert(spec.name, pa.Table.from_pylist(rows, schema=spec.schema))
         catalog.upsert(table.name, pa.Table.from_pylist([row], schema=table.schema))
     return row

@@ -53,7 +53,7 @@ def record_samples(catalog: Catalog, rows: list[dict]) -> list[dict]:
 def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, base: str, text: str, n: int,
                         subject: Subject | None, loras: list[tuple[str, Path]], method: str,
                         adapter_id: str | None, embeds: torch.Tensor | None = None,
-                        params: str | None = None) -> list[dict]:
+                        params: str | None = None, model_id: str | None = None) -> list[dict]:
     """n images of `text` by plain CFG with the `loras` (name, file) stacked in order;
     `embeds` [1, L, D], when given, are `text` as the method embeds it (learned tokens)."""
     cfg = config.generate
@@ -74,7 +74,7 @@ def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, bas
                 rows.append(sample_row(catalog, encode_png(image), subject_id=subject.subject_id if subject else None,
                                        adapter_id=adapter_id, method=method, prompt=text, seed=seed, steps=cfg.steps,
                                        guidance=cfg.guidance, resolution=cfg.resolution, base_model=base,
-                                       params=params))
+                                       params=params, model_id=model_id))
                 shown.update()
     finally:
         if names:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ MaskNorm = Literal["area", "image"]
 
 
 # -- new tokens -----------------------------------------------------------------------------
+
+
+def token_for(name: str) -> str:
+    """A new token named after `name` ("Red mug" -> "<red_mug>"): the angle brackets keep it
+    off every word of CLIP's vocabulary."""
+    return f"<{re.sub(r'[^0-9A-Za-z]+', '_', name).strip('_').lower()}>"
 
 
 @dataclass

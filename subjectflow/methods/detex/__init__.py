@@ -29,10 +29,10 @@ from ...training.data import class_prompt, encode_latents, encode_prompt, load_i
 from ...training.loop import train
 from ...training.sampling import generate_with_loras, subject_prompt
 from ...training.subjects import Subject, TuningError
-from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts
+from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts, token_for
 from ..base import Artefacts, Context, Method
 from .model import (ATTRIBUTES, BACKGROUND, FEATURES, POSE, PROMPT, AttributeMapper, DetexObjective, DetexWeights,
-                    keeping, photo_features, subject_token, training_prompt)
+                    keeping, photo_features, training_prompt)
 
 NAME = "detex"
 EMBEDDINGS_NAME = "learned_embeds.safetensors"
@@ -66,7 +66,7 @@ def detex_objective(ctx: Context, subject: Subject) -> Iterator[DetexObjective]:
     if dx.prior_preservation:
         class_latents = class_image_latents(ctx, subject.class_name)
         class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
-    token = subject_token(subject.name)
+    token = token_for(subject.name)
     width = parts.text_encoder.config.hidden_size
     scale = float(parts.text_encoder.get_input_embeddings().weight.detach().float().std())
     with torch.random.fork_rng(devices=[]):

@@ -11,7 +11,6 @@ varies per photo is free to go into the mappers' outputs.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +30,6 @@ ATTRIBUTES = {POSE: "pose", BACKGROUND: "background"}  # placeholder -> initiali
 FEATURES = "pooled VAE latent: pose of the masked foreground, background of the subject masked out"
 PROMPT = "a photo of {token} {class_name}, with <pose> pose, in <background> background"
 MAPPER_NAMES = ("pose", "background")
-
-
-def subject_token(name: str) -> str:
-    return f"<{re.sub(r'[^0-9A-Za-z]+', '_', name).strip('_').lower()}>"
 
 
 def training_prompt(token: str, class_name: str) -> str:

@@ -13,9 +13,7 @@ cluster schedule under the class prompt (recorded in the adapter's params with i
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 
 import torch
@@ -25,6 +23,7 @@ from ...catalog.schemas import ADAPTERS
 from ...config import Config
 from ...ingest.photo import encode_png
 from ...progress import progress
+from ...training.adapters import frozen
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
 from ...training.data import class_prompt, decode_image, encode_prompt
 from ...training.loop import train
@@ -54,19 +53,6 @@ def guidance_settings(config: Config) -> GuidanceSettings:
                    guidance=config.generate.guidance)
 
 
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Gradients reach the projector through the UNet, whose weights must not collect any;
-    the flags are restored for the methods that train the UNet after this one."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
-
-
 def train_oneactor(ctx: Context, subject: Subject, stop_after: int | None = None) -> dict:
     config, parts, catalog, oa = ctx.config, ctx.parts, ctx.catalog, ctx.config.oneactor
     params = oneactor_params(config, ctx.base, subject.class_name)
@@ -86,7 +72,7 @@ def train_oneactor(ctx: Context, subject: Subject, stop_after: int | None = None
     # The paper's optimiser whatever `train` says; the loop's other settings (checkpoints) hold.
     train_cfg = config.train.model_copy(update={"optimizer": "adamw", "weight_decay": oa.weight_decay})
     prepare_unet(parts, config.train)
-    with _frozen(parts.unet):
+    with frozen(parts.unet):
         objective = OneActorObjective(parts.unet, parts.noise_scheduler, projector, target_latents, target_h,
                                       aux_latents, aux_h, embeds, positions, oa.aux_per_step, oa.aux_weight,
                                       oa.average_weight)
