@@ -263,6 +263,19 @@ def cmd_concepts_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_concepts_evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate_set_flow
+    from subjectflow.methods import registry
+    from subjectflow.methods.base import Context
+
+    catalog, config = _config(args)
+    ctx = Context.open(catalog, config)
+    registry.named_set(ctx, args.name)  # an unknown set is one line, before any flow
+    evaluate_set_flow(str(catalog.root), args.name, config)
+    print(registry.set_report(ctx, args.name))
+    return 0
+
+
 def cmd_concepts_export(args: argparse.Namespace) -> int:
     from subjectflow.methods import registry
     from subjectflow.methods.base import Context
@@ -493,7 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
-    for name, fn, help in (("show", cmd_concepts_show, "a concept set's tokens and its masks' IoU per EM iteration"),
+    for name, fn, help in (("show", cmd_concepts_show, "a concept set's tokens, its masks' IoU per EM iteration and "
+                            "its composition scores"),
+                           ("evaluate", cmd_concepts_evaluate, "sample every composition of a set's concepts and "
+                            "score CLIP-T and each concept's masked DINO against its source region"),
                            ("export", cmd_concepts_export, "write a concept set as files stock diffusers loads")):
         p = csub.add_parser(name, help=help, description=help)
         p.set_defaults(fn=fn)
@@ -502,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
         _add_set(p)
         _add_catalog(p)
+        if name == "evaluate":
+            p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 
     catalog = command("catalog", lambda a: 2, "inspect a catalog")
     csub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")

@@ -13,7 +13,7 @@ from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
 from subjectflow.training.subjects import IN_CATALOG
-from tasks.evaluate import evaluate_task, plan_evaluations_task
+from tasks.evaluate import evaluate_set_task, evaluate_task, plan_evaluations_task
 from tasks.tune import device_slots, device_task_runner, ensure_gpu_limit_task
 
 
@@ -55,3 +55,14 @@ def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list
     if run.scored:
         run.version = version_run(root, f"evaluate: {len(run.scored)} evaluations", config.versioning)
     return run
+
+
+@flow(name="evaluate-set", log_prints=True)
+def evaluate_set_flow(catalog: str, name: str, config: Config | None = None) -> list[dict]:
+    """Sample and score a named concept set's compositions, then version."""
+    root = Catalog.open(Path(catalog)).root
+    config = config_for(Catalog.open(root), config)
+    ensure_gpu_limit_task(device_slots())
+    rows = evaluate_set_task(root, name, config)
+    version_run(root, f"evaluate set {name}: {len(rows)} scores", config.versioning)
+    return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import io
 import random
 import zlib
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+
+JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,25 @@ def _background(rng: random.Random, size: int, avoid: RGB, base: int) -> np.ndar
 
 def draw_photo(subject: DemoSubject, index: int, size: int = 384) -> Image.Image:
     """One RGB photo of the subject: same object identity across indices, varied view."""
+    return _drawn(subject, index, size)[0]
+
+
+def drawn_mask(photo: bytes, source_uri: str) -> Image.Image | None:
+    """The exact subject mask ("L", 255 = subject) of a photo `write_photo_sets` drew, found
+    by redrawing it from its folder and file name and comparing bytes; None for any other
+    photo (a real one, or one drawn at other settings)."""
+    path = Path(source_uri.split("://", 1)[-1])
+    subject = next((s for s in DEMO_SUBJECTS if s.name == path.parent.name), None)
+    if subject is None or not (path.stem.isdigit() and path.suffix == ".jpg"):
+        return None
+    size = Image.open(io.BytesIO(photo)).width
+    image, mask = _drawn(subject, int(path.stem), size)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return mask if buffer.getvalue() == photo else None
+
+
+def _drawn(subject: DemoSubject, index: int, size: int) -> tuple[Image.Image, Image.Image]:
     rng = random.Random(_seed(subject.name, index))
     noise_rng = np.random.default_rng(_seed("noise", subject.name, index))
 
@@ -201,9 +224,11 @@ def draw_photo(subject: DemoSubject, index: int, size: int = 384) -> Image.Image
 
     photo = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     photo.paste(obj, (x, y), obj)
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(obj.getchannel("A"), (x, y))
     arr = np.asarray(photo, dtype=np.float32) * rng.uniform(0.85, 1.15)
     arr += noise_rng.normal(0.0, 3.0, arr.shape)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), mask
 
 
 def write_photo_sets(root: Path, subjects: Sequence[DemoSubject] = DEMO_SUBJECTS,
@@ -221,7 +246,7 @@ def write_photo_sets(root: Path, subjects: Sequence[DemoSubject] = DEMO_SUBJECTS
         written = set()
         for i in range(photos_per_subject):
             path = folder / f"{i:02d}.jpg"
-            draw_photo(subject, i, size).save(path, "JPEG", quality=90)
+            draw_photo(subject, i, size).save(path, "JPEG", quality=JPEG_QUALITY)
             written.add(path.name)
         # Drop leftovers from an earlier, larger run so reruns give the same set.
         for stale in folder.glob("[0-9][0-9].jpg"):

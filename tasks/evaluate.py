@@ -11,6 +11,7 @@ from subjectflow.config import Config
 from subjectflow.evaluation.evaluate import Evaluation, EvaluationPlan, evaluate, plan_evaluations
 from subjectflow.evaluation.metrics import generated_masker
 from subjectflow.evaluation.scorers import load_scorers
+from subjectflow.methods import registry
 from tasks.tune import device_slot, method_context
 
 
@@ -24,5 +25,17 @@ def plan_evaluations_task(catalog_root: Path, config: Config, subjects: list[str
 def evaluate_task(catalog_root: Path, job: Evaluation, config: Config) -> list[dict]:
     with device_slot(config) as placed:
         ctx = method_context(catalog_root, placed)
-        scorers = load_scorers(placed.evaluate, device=ctx.parts.unet.device, models_dir=ctx.catalog.root / MODELS_DIR)
-        return evaluate(ctx, job, scorers, generated_masker(placed.evaluate.masker, placed.ingest.mask))
+        return evaluate(ctx, job, *_scoring(ctx, placed))
+
+
+@task(name="evaluate-set", task_run_name="evaluate-set-{name}")
+def evaluate_set_task(catalog_root: Path, name: str, config: Config) -> list[dict]:
+    """A named concept set's compositions sampled and scored."""
+    with device_slot(config) as placed:
+        ctx = method_context(catalog_root, placed)
+        return registry.score_set(ctx, name, *_scoring(ctx, placed))
+
+
+def _scoring(ctx, config: Config) -> tuple:
+    scorers = load_scorers(config.evaluate, device=ctx.parts.unet.device, models_dir=ctx.catalog.root / MODELS_DIR)
+    return scorers, generated_masker(config.evaluate.masker, config.ingest.mask)

@@ -79,7 +79,7 @@ STAGES: dict[str, Stage] = {
             name="evaluate",
             # Samples live here: evaluation generates them, and ad-hoc `subjectflow generate`
             # adds to the same table. `runs` rides along: the run history is reporting.
-            tables=("samples", "metrics", "prompt_metrics", "runs"),
+            tables=("samples", "metrics", "prompt_metrics", "concept_scores", "runs"),
             blob_kinds=("samples",),
             params=("model", "generate", "evaluate"),
             command="subjectflow evaluate --catalog {catalog} --no-version",

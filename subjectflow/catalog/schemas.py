@@ -286,6 +286,26 @@ CONCEPT_MASKS = TableSpec(
     ),
 )
 
+# A concept set's compositions scored: CLIP-T per prompt, masked DINO per concept in it.
+CONCEPT_SCORES = TableSpec(
+    "concept_scores",
+    version=1,
+    key=("evaluation_id", "metric", "prompt", "concept"),
+    fields=(
+        pa.field("evaluation_id", pa.string(), nullable=False),  # hash of the set, seeds, sampling, scorers
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("set_name", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),  # clip_t | mdino
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("concept", pa.string(), nullable=False),  # the token scored; "" = the whole prompt
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("n_images", pa.int32(), nullable=False),
+        pa.field("scorer", pa.string(), nullable=False),
+        pa.field("scorer_kind", pa.string(), nullable=False),  # pretrained | random-test
+        pa.field("evaluated_at", TIMESTAMP, nullable=False),
+    ),
+)
+
 # One score per row, so a trend across catalog versions is a filter and a group-by.
 METRICS = TableSpec(
     "metrics",
@@ -362,5 +382,5 @@ RUNS = TableSpec(
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (SUBJECTS, IMAGES, QUARANTINE, SOURCE_FILES, NEGATIVES, ADAPTERS, TRAIN_LOG, SAMPLES,
-                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, CONCEPT_MASKS, METRICS, PROMPT_METRICS, RUNS)
+                 JOINTSETS, MODELS, CLASS_IMAGES, CLUSTERS, CONCEPT_MASKS, CONCEPT_SCORES, METRICS, PROMPT_METRICS, RUNS)
 }

@@ -70,7 +70,7 @@ class Method:
     keeps_attributes: bool = False  # honours generate.keep_pose / keep_background (a training photo's)
     # Its artefacts are sets a user learns by name from chosen photos (`subjectflow concepts
     # learn`), and a prompt's tokens pick the set it samples with: `learn`, `named`, `for_prompt`,
-    # `learning_blocker`, `report`.
+    # `learning_blocker`, `report`, `score`.
     named_sets: bool = False
 
     def enabled(self, config: Config) -> bool:
@@ -107,6 +107,10 @@ class Method:
 
     def report(self, ctx: Context, artefacts: Artefacts) -> str:
         """A named set's summary for `subjectflow concepts show`."""
+        raise NotImplementedError(f"method {self.name!r} learns no named sets")
+
+    def score(self, ctx: Context, artefacts: Artefacts, scorers: Any, masker: Any) -> list[dict]:
+        """Sample and score a named set's compositions (reused when already scored so)."""
         raise NotImplementedError(f"method {self.name!r} learns no named sets")
 
     def for_prompt(self, ctx: Context, prompt: str) -> tuple[Artefacts, str | None]:

@@ -250,6 +250,11 @@ def set_report(ctx: Context, set_name: str) -> str:
     return learner().report(ctx, named_set(ctx, set_name))
 
 
+def score_set(ctx: Context, set_name: str, scorers, masker) -> list[dict]:
+    """Sample and score the named set's compositions (`concept_scores`)."""
+    return learner().score(ctx, named_set(ctx, set_name), scorers, masker)
+
+
 def named_set(ctx: Context, set_name: str) -> Artefacts:
     rows, why = learner().named(ctx, set_name)
     if why:

@@ -165,3 +165,36 @@ def test_learn_and_compose_through_the_cli(tmp_path, capfd):
     assert len(samples) == 2 and {r["subject_id"] for r in samples} == {None}
     assert _cli(catalog, config, "generate", "--method", "concepts", "--prompt", "a photo of <teapot>") == 2
     assert "holds <teapot>" in capfd.readouterr().err
+    assert _cli(catalog, config, "concepts", "evaluate", "scene") == 0
+    out = capfd.readouterr().out
+    scores = catalog.read("concept_scores").to_pylist()
+    prompts = ["a photo of <red_mug>", "a photo of <beach>", "a photo of <red_mug> and <beach>"]
+    assert [r["prompt"] for r in scores if r["metric"] == "clip_t"] == prompts
+    assert {(r["prompt"], r["concept"]) for r in scores if r["metric"] == "mdino"} <= {
+        (prompts[0], "<red_mug>"), (prompts[1], "<beach>"), (prompts[2], "<red_mug>"), (prompts[2], "<beach>")}
+    assert "[random-test scorer: not a quality measure]" in out and "clip_t" in out
+    assert _cli(catalog, config, "concepts", "evaluate", "scene") == 0  # already scored so: reused
+    assert len(catalog.read("concept_scores").to_pylist()) == len(scores)
+
+
+def test_drawn_demo_photos_are_scored_against_their_exact_masks(tiny, tmp_path):
+    from subjectflow.demo_photos import DEMO_SUBJECTS, drawn_mask, write_photo_sets
+    from tests.ingest.helpers import ingest
+    from subjectflow.catalog import init_catalog
+
+    _, config, _ = tiny
+    root = write_photo_sets(tmp_path / "drawn", DEMO_SUBJECTS[:1], photos_per_subject=2, size=96)
+    photo = root / "red_mug" / "00.jpg"
+    mask = np.asarray(drawn_mask(photo.read_bytes(), str(photo)))
+    assert 0.05 < (mask > 127).mean() < 0.7  # the mug, not the frame
+    data = photo.read_bytes()
+    assert drawn_mask(data[:-3] + bytes([data[-3] ^ 1]) + data[-2:], str(photo)) is None  # not the drawing
+    catalog = init_catalog(tmp_path / "catalog", config)
+    ingest(root, catalog, config.ingest)
+    learn_concepts(context(catalog, config.model_copy(update={"concepts": config.concepts.model_copy(
+        update={"steps": 2})})), "drawn", ["subject:red_mug"])
+    rows = catalog.read("concept_masks").to_pylist()
+    assert len(rows) == 2 * 2 and all(r["iou_exact"] is not None for r in rows)
+    # GrabCut's ingest mask against the drawn truth: a real overlap, not a perfect one
+    assert all(0.3 < r["iou_exact"] <= 1 for r in rows if r["iteration"] == 0)
+    assert all(r["iou_exact"] is None for r in tiny[0].read("concept_masks").to_pylist())  # block photos: unknown

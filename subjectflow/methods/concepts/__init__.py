@@ -23,9 +23,10 @@ from PIL import Image
 from safetensors.torch import save
 
 from ...catalog.layout import WORK_DIR
-from ...catalog.schemas import CONCEPT_MASKS, MODELS
+from ...catalog.schemas import CONCEPT_MASKS, CONCEPT_SCORES, MODELS
 from ...catalog.store import utcnow
 from ...config import Config, stable_hash
+from ...demo_photos import drawn_mask
 from ...ingest.photo import encode_png
 from ...training.adapters import WEIGHT_NAME, frozen, trained_adapter
 from ...training.artefacts import autocast_dtype, prepare_unet, record_trained
@@ -35,8 +36,9 @@ from ...training.sampling import generate_with_loras
 from ...training.subjects import TuningError
 from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts
 from ..base import Artefacts, Context, Method
-from .em import refiner
+from .em import iou, refiner
 from .model import ConceptObjective, ConceptWeights, composed_prompt
+from .scoring import evaluation_id, score_lines, score_set
 from .sources import MAX_CONCEPTS, SYNTAX, Concept, parse_source, resolve
 
 NAME = "concepts"
@@ -106,18 +108,31 @@ def concept_objective(ctx: Context, concepts: list[Concept]) -> Iterator[Concept
         yield objective
 
 
+def _exact_masks(ctx: Context, rows: list[dict]) -> list[np.ndarray | None]:
+    """Per photo, the true subject mask at the training resolution where the demo drew the
+    photo (cropped by the box ingest cut the training copy with), else None."""
+    resolution, exact = ctx.config.train.resolution, []
+    for row in rows:
+        mask = drawn_mask(ctx.catalog.blob_path(row["photo_file"]).read_bytes(), row["source_uri"])
+        exact.append(None if mask is None else np.asarray(mask.crop(tuple(row["box"])).resize(
+            (resolution, resolution), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0)
+    return exact
+
+
 def _mask_rows(ctx: Context, model_id: str, objective: ConceptObjective, concepts: list[Concept]) -> list[dict]:
     rows, _, regions = _photos(concepts)
+    exact = _exact_masks(ctx, rows)
     made = []
     for iteration in range(len(objective.history)):
         step = iteration * objective.e_step_every
         for i, c, mask, score in objective.scores(iteration):
+            truth = exact[i] if regions[i][c] == "subject" or exact[i] is None else 1 - exact[i]
             png = encode_png(Image.fromarray(mask.astype(np.uint8) * 255, "L"))
             made.append({"model_id": model_id, "concept": concepts[c].token, "image_id": rows[i]["image_id"],
                          "region": regions[i][c], "iteration": iteration, "step": step,
                          "file": ctx.catalog.put_blob("concept_masks", png, ".png"),
-                         "coverage": float(mask.mean()), "iou_ingest": score, "iou_exact": None,
-                         "created_at": utcnow()})
+                         "coverage": float(mask.mean()), "iou_ingest": score,
+                         "iou_exact": None if truth is None else iou(mask, truth), "created_at": utcnow()})
     return made
 
 
@@ -200,9 +215,10 @@ def report(ctx: Context, row: dict) -> str:
             exact = [r["iou_exact"] for r in rows if r["iou_exact"] is not None]
             lines.append(f"  {token:<24} {iteration:>9} {rows[0]['step']:>6} {len(rows):>6} "
                          f"{np.mean([r['iou_ingest'] for r in rows]):>10.3f} "
-                         f"{np.mean(exact) if exact else float('nan'):>9.3f} "
+                         f"{f'{np.mean(exact):.3f}' if exact else '-':>9} "
                          f"{np.mean([r['coverage'] for r in rows]):>8.3f}")
-    return "\n".join(lines)
+    scores = [r for r in ctx.catalog.read(CONCEPT_SCORES.name).to_pylist() if r["model_id"] == row["model_id"]]
+    return "\n".join(lines + score_lines(scores))
 
 
 @torch.no_grad()
@@ -256,6 +272,18 @@ class Concepts(Method):
 
     def report(self, ctx: Context, artefacts: Artefacts) -> str:
         return report(ctx, artefacts[NAME])
+
+    def score(self, ctx: Context, artefacts: Artefacts, scorers, masker) -> list[dict]:
+        row = artefacts[NAME]
+        key = evaluation_id(ctx, row)
+        done = [r for r in ctx.catalog.read(CONCEPT_SCORES.name).to_pylist() if r["evaluation_id"] == key]
+        if done:
+            ctx.reused.append(f"{NAME} scores {key}")
+            return done
+        generate = ctx.config.generate.model_copy(update={"seed": ctx.config.evaluate.seed})
+        sampler = Context(ctx.catalog, ctx.config.model_copy(update={"generate": generate}), ctx.base,
+                          lambda: ctx.parts, ctx.say)
+        return score_set(ctx, row, scorers, masker, lambda prompt, n: sample_concepts(sampler, row, prompt, n))
 
     def for_prompt(self, ctx: Context, prompt: str) -> tuple[Artefacts, str | None]:
         return for_prompt(ctx, prompt)
