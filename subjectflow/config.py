@@ -268,6 +268,9 @@ class DetexConfig(_Section):
     kv_rank: int = Field(4, ge=1)
     mapper_hidden: int = Field(256, ge=1)
     feature_grid: int = Field(4, ge=1)  # the pooled VAE latent the mappers read: C x grid x grid
+    # A DINO ViT (local folder, or hub id in the local cache) whose CLS embedding the mappers
+    # read instead of the pooled VAE latent; "" = the VAE latent.
+    image_encoder: str = added("", neutral="")
     mask_loss: Literal["area", "image"] = "area"  # normalise the masked loss by mask area, or by image
     prior_preservation: bool = False  # on the class images SFT's prior preservation caches
     prior_weight: float = Field(1.0, ge=0)

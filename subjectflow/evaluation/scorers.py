@@ -141,13 +141,19 @@ def load_scorers(config: EvaluateConfig, *, device: str | torch.device = "cpu",
     )
 
 
+def dino_identity(model: str, key: str, models_dir: Path | None = None) -> str:
+    """The name `load_dino(model, key=key)` would give its scorer, without loading it."""
+    found = _locate(model, "DINO", key, "error", models_dir)
+    return _dino_name(found[1]) if found else _random_name("ViTModel")
+
+
 def load_dino(model: str, *, fallback: str = "error", device: str | torch.device = "cpu",
-              models_dir: Path | None = None) -> DinoScorer:
+              models_dir: Path | None = None, key: str = "evaluate.dino_model") -> DinoScorer:
     """`model` is "random-test", a local folder (also looked for under `models_dir`), or a
-    cached hub id such as "facebook/dino-vits16"."""
+    cached hub id such as "facebook/dino-vits16"; `key` is the setting errors name."""
     from transformers import ViTModel
 
-    found = _locate(model, "DINO", "evaluate.dino_model", fallback, models_dir)
+    found = _locate(model, "DINO", key, fallback, models_dir)
     if found is None:
         return _ready(random_dino(), device)
     folder, name = found

@@ -179,3 +179,21 @@ def test_tune_and_generate_with_kept_attributes_through_the_cli(tmp_path, capfd)
     assert cli("generate", "--method", "sft", "--subject", "red_mug", "--keep-pose", "1") == 2
     err = capfd.readouterr().err
     assert "sft does not learn a photo's pose or background" in err and "Traceback" not in err
+
+
+def test_a_configured_image_encoder_feeds_the_mappers_and_names_the_adapter(tmp_path):
+    from subjectflow.evaluation.scorers import random_dino
+
+    encoder = tmp_path / "dino"
+    random_dino().model.save_pretrained(encoder)
+    catalog = ingested_catalog(tmp_path, subjects=("red_mug",), per_subject=2)
+    config = tiny_config(detex={**DETEX, "steps": 2, "image_encoder": str(encoder)})
+    row = registry.tune(context(catalog, config), "detex", "red_mug").artefact
+    weights = DetexWeights.read(catalog.blob_path(row["file"]))
+    width = random_dino().model.config.hidden_size
+    assert weights.features("pose").shape == weights.features("background").shape == (2, width)
+    assert json.loads(row["params"])["features"].startswith(f"{encoder}@")
+    plain = tiny_config(detex={**DETEX, "steps": 2})
+    assert registry.artefact_ids(context(catalog, plain), "detex", load_subject(catalog, "red_mug"))["detex"] != \
+        row["adapter_id"]
+    assert _sample(catalog, config, keep_pose="1")  # sampling reads the stored features, not the encoder

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from ...catalog.layout import WORK_DIR
+from ...catalog.layout import MODELS_DIR, WORK_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config
+from ...evaluation.scorers import dino_identity, load_dino
 from ...training.adapters import WEIGHT_NAME, trained_adapter
 from ...training.artefacts import adapter_id, autocast_dtype, prepare_unet, record_trained
 from ...training.class_images import class_image_latents, planned_class_images
@@ -31,24 +32,34 @@ from ...training.sampling import generate_with_loras, subject_prompt
 from ...training.subjects import Subject, TuningError
 from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts, token_for
 from ..base import Artefacts, Context, Method
-from .model import (ATTRIBUTES, BACKGROUND, FEATURES, POSE, PROMPT, AttributeMapper, DetexObjective, DetexWeights,
+from .model import (ATTRIBUTES, BACKGROUND, ENCODED, FEATURES, POSE, PROMPT, AttributeMapper, DetexObjective, DetexWeights,
                     keeping, photo_features, training_prompt)
 
 NAME = "detex"
+ENCODER_SETTING = "detex.image_encoder"
 EMBEDDINGS_NAME = "learned_embeds.safetensors"
 
 
-def detex_params(config: Config, base: str) -> dict:
+def detex_params(ctx: Context) -> dict:
+    config, base = ctx.config, ctx.base
     train_cfg = config.train.identity(include={"resolution", "seed", "batch_size", "gradient_accumulation",
                                                "optimizer", "weight_decay", "max_grad_norm", "warmup_steps"})
     return {"method": NAME, "base": base, "train": train_cfg, "detex": config.detex.identity(),
-            "features": FEATURES, "prompt": PROMPT}
+            "features": _features(ctx), "prompt": PROMPT}
 
 
-def detex_id(config: Config, base: str, subject: Subject) -> str:
-    priors = ([key for key, _ in planned_class_images(config, base, subject.class_name)]
-              if config.detex.prior_preservation else [])
-    return adapter_id(detex_params(config, base), subject, priors)
+def _features(ctx: Context) -> str:
+    """What the mappers read, by identity: a configured encoder's version counts, not its name."""
+    encoder = ctx.config.detex.image_encoder
+    if not encoder:
+        return FEATURES
+    return f"{dino_identity(encoder, ENCODER_SETTING, ctx.catalog.root / MODELS_DIR)}: {ENCODED}"
+
+
+def detex_id(ctx: Context, subject: Subject) -> str:
+    priors = ([key for key, _ in planned_class_images(ctx.config, ctx.base, subject.class_name)]
+              if ctx.config.detex.prior_preservation else [])
+    return adapter_id(detex_params(ctx), subject, priors)
 
 
 @contextlib.contextmanager
@@ -60,8 +71,10 @@ def detex_objective(ctx: Context, subject: Subject) -> Iterator[DetexObjective]:
     pixels = load_images([catalog.blob_path(r["normalised_file"]) for r in subject.images], resolution)
     masks = load_masks([catalog.blob_path(r["mask_file"]) for r in subject.images], resolution)
     latents = encode_latents(parts.vae, pixels).to(device)
+    encoder = (load_dino(dx.image_encoder, device=device, models_dir=catalog.root / MODELS_DIR, key=ENCODER_SETTING)
+               if dx.image_encoder else None)
     pose_features, background_features = (f.to(device) for f in photo_features(parts.vae, pixels, masks,
-                                                                               dx.feature_grid))
+                                                                               dx.feature_grid, encoder))
     class_latents = class_embeds = None
     if dx.prior_preservation:
         class_latents = class_image_latents(ctx, subject.class_name)
@@ -87,13 +100,13 @@ def detex_objective(ctx: Context, subject: Subject) -> Iterator[DetexObjective]:
 
 def train_detex(ctx: Context, subject: Subject, stop_after: int | None = None) -> dict:
     config, dx = ctx.config, ctx.config.detex
-    adapter = detex_id(config, ctx.base, subject)
+    adapter = detex_id(ctx, subject)
     with detex_objective(ctx, subject) as objective:
         result = train(objective, config.train, ctx.catalog.root / WORK_DIR / "tune" / adapter, dx.steps,
                        dx.learning_rate, autocast_dtype(ctx.parts), ctx.parts.unet.device, stop_after)
         if stop_after is not None and stop_after < dx.steps:
             return {"adapter_id": adapter, "interrupted_at": stop_after}
-        params = {**detex_params(config, ctx.base), "token": objective.concepts.tokens[0]}
+        params = {**detex_params(ctx), "token": objective.concepts.tokens[0]}
         row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": NAME, "base_model": ctx.base,
                "parent_adapter_id": None, "params": json.dumps(params, sort_keys=True),
                "inputs_hash": subject.inputs_hash, "steps": result.steps, "final_loss": result.final_loss}
@@ -153,7 +166,7 @@ class Detex(Method):
     keeps_attributes = True
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
-        return detex_id(ctx.config, ctx.base, subject)
+        return detex_id(ctx, subject)
 
     def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
         return train_detex(ctx, subject, stop_after)

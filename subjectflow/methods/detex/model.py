@@ -18,8 +18,10 @@ import safetensors
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import load, save
 
+from ...evaluation.scorers import ImageScorer
 from ...training.adapters import adapter_state, load_adapter_state, lora_file_bytes
 from ...training.data import encode_latents
 from ...training.diffusion import Metrics, noised_prediction, pick
@@ -27,7 +29,8 @@ from ...training.tokens import ConceptTokens, MaskNorm, embed_prompts, masked_de
 
 POSE, BACKGROUND = "<pose>", "<background>"
 ATTRIBUTES = {POSE: "pose", BACKGROUND: "background"}  # placeholder -> initialiser word
-FEATURES = "pooled VAE latent: pose of the masked foreground, background of the subject masked out"
+ENCODED = "pose of the masked foreground, background of the subject masked out"
+FEATURES = f"pooled VAE latent: {ENCODED}"
 PROMPT = "a photo of {token} {class_name}, with <pose> pose, in <background> background"
 MAPPER_NAMES = ("pose", "background")
 
@@ -53,14 +56,19 @@ class AttributeMapper(torch.nn.Sequential):
 
 
 @torch.no_grad()
-def photo_features(vae, pixels: torch.Tensor, masks: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def photo_features(vae, pixels: torch.Tensor, masks: torch.Tensor, grid: int,
+                   encoder: ImageScorer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 3, R, R] photos and [N, 1, R, R] masks -> the pose mapper's input (the subject
-    alone) and the background mapper's (the photo with the subject removed), each [N, C*g*g].
-    Removed pixels are 0: mid-grey in the VAE's [-1, 1]."""
-    def pooled(images: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(encode_latents(vae, images), grid).flatten(1)
+    alone) and the background mapper's (the photo with the subject removed): the pooled VAE
+    latent [N, C*g*g], or the `encoder`'s embedding [N, D] when one is configured. Removed
+    pixels are 0: mid-grey in [-1, 1]."""
+    def features(images: torch.Tensor) -> torch.Tensor:
+        if encoder is None:
+            return F.adaptive_avg_pool2d(encode_latents(vae, images), grid).flatten(1)
+        array = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+        return encoder.embed_images([Image.fromarray(a, "RGB") for a in array])
 
-    return pooled(pixels * masks), pooled(pixels * (1 - masks))
+    return features(pixels * masks), features(pixels * (1 - masks))
 
 
 @dataclass
