@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
     for name, fn, help in (("show", cmd_concepts_show, "a concept set's tokens, its masks' IoU per EM iteration and "
                             "its composition scores"),
-                           ("evaluate", cmd_concepts_evaluate, "sample every composition of a set's concepts and "
+                           ("evaluate", cmd_concepts_evaluate, "sample every composition of a set's concept tokens and "
                             "score CLIP-T and each concept's masked DINO against its source region"),
                            ("export", cmd_concepts_export, "write a concept set as files stock diffusers loads")):
         p = csub.add_parser(name, help=help, description=help)
