@@ -173,7 +173,7 @@ def _background(rng: random.Random, size: int, avoid: RGB, base: int) -> np.ndar
 
 def draw_photo(subject: DemoSubject, index: int, size: int = 384) -> Image.Image:
     """One RGB photo of the subject: same object identity across indices, varied view."""
-    return _drawn(subject, index, size)[0]
+    return draw_with_mask(subject, index, size)[0]
 
 
 def drawn_mask(photo: bytes, source_uri: str) -> Image.Image | None:
@@ -185,13 +185,14 @@ def drawn_mask(photo: bytes, source_uri: str) -> Image.Image | None:
     if subject is None or not (path.stem.isdigit() and path.suffix == ".jpg"):
         return None
     size = Image.open(io.BytesIO(photo)).width
-    image, mask = _drawn(subject, int(path.stem), size)
+    image, mask = draw_with_mask(subject, int(path.stem), size)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return mask if buffer.getvalue() == photo else None
 
 
-def _drawn(subject: DemoSubject, index: int, size: int) -> tuple[Image.Image, Image.Image]:
+def draw_with_mask(subject: DemoSubject, index: int, size: int = 384) -> tuple[Image.Image, Image.Image]:
+    """`draw_photo`'s photo and its exact subject mask ("L", 255 = subject)."""
     rng = random.Random(_seed(subject.name, index))
     noise_rng = np.random.default_rng(_seed("noise", subject.name, index))
 

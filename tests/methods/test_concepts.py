@@ -104,6 +104,7 @@ def test_refiners_recover_two_disjoint_regions_from_soft_maps(how):
     truth[1, 30:44, 4:44] = True  # ... and a strip below it
     photo = np.full((48, 48, 3), 40, np.uint8)
     photo[truth[0]], photo[truth[1]] = (200, 30, 30), (30, 30, 200)
+    photo.flags.writeable = False  # as np.asarray(PIL image) gives it
     soft = np.clip(truth * 0.8 + rng.uniform(0, 0.3, truth.shape), 0, 1)
     # the maps arrive at 1/4 resolution, as the attention level does
     maps = torch.nn.functional.avg_pool2d(torch.from_numpy(soft).float()[None], 4)[0]
