@@ -19,6 +19,7 @@ from ..training.subjects import IN_CATALOG
 from .plots import fmt, line_plot
 
 STYLESHEET = "style.css"
+CONCEPTS_PAGE = "concepts.html"
 HEADLINE_METRICS = ("dino", "clip_i", "clip_t")
 SCORER_FLAGS = {"random-test": "random-test scorer: not a real score", "proxy": "proxy scorer: approximate"}
 
@@ -43,6 +44,7 @@ figure{display:inline-block;margin:4px;vertical-align:top}figcaption{font-size:1
 .plots{display:flex;flex-wrap:wrap;gap:16px}.plots figure{border:1px solid #eee;padding:4px}.plots figcaption{max-width:none}
 .plot .axis{stroke:#888}.plot .series{fill:none;stroke-width:2}.plot text{font-size:11px;fill:#444}
 .pager{margin:10px 0}.pager a,.pager span{margin-right:12px}
+.strip td{padding:2px}.strip figure{margin:0}
 """
 
 
@@ -67,6 +69,16 @@ class Trend:
     metric: str
     series: Mapping[str, Sequence[tuple[float, float]]]  # method -> (catalog_version, mean value)
     flags: Mapping[str, Sequence[str]]  # method -> the non-pretrained scorer kinds behind its points
+
+
+@dataclass(frozen=True)
+class ConceptSet:
+    """One learned concept set with its EM masks, as the concepts page shows it."""
+
+    model: dict  # its models row
+    params: dict  # the row's params, parsed
+    masks: Mapping[str, Sequence[tuple[dict, Thumb]]]  # token -> (concept_masks row, its thumbnail)
+    photos: Mapping[str, Thumb]  # image_id -> the photo's thumbnail
 
 
 def esc(value: Any) -> str:
@@ -222,9 +234,57 @@ def runs_section(runs: Sequence[dict]) -> str:
     return section("runs", "Run history", history if rows else "", "runs")
 
 
-def index_page(summary_html: str, subjects_html: str, trends: Sequence[Trend], runs: Sequence[dict]) -> str:
-    body = "<h1>subjectflow dashboard</h1>" + summary_html + subjects_html + trends_section(trends) + runs_section(runs)
+def concept_sets_section(sets: Sequence[ConceptSet]) -> str:
+    """Absent, not empty, without concept sets: most catalogs never learn one."""
+    rows = [(f'<a href="{CONCEPTS_PAGE}#{concept_anchor(s.model)}">{esc(s.params["set"])}</a>',
+             " ".join(map(esc, s.params["tokens"])), esc(s.params["refine"]), when(s.model["created_at"]))
+            for s in sets]
+    listing = table(("set", "tokens", "refined by", "created"), rows, "concept-sets")
+    return section("concept-sets", f"Concept sets ({len(sets)})", listing, "concept sets") if rows else ""
+
+
+def index_page(summary_html: str, subjects_html: str, trends: Sequence[Trend], runs: Sequence[dict],
+               concept_sets: Sequence[ConceptSet] = ()) -> str:
+    body = ("<h1>subjectflow dashboard</h1>" + summary_html + subjects_html + concept_sets_section(concept_sets)
+            + trends_section(trends) + runs_section(runs))
     return page("subjectflow dashboard", body)
+
+
+# -- concept sets -------------------------------------------------------------------
+
+
+def concept_anchor(model: dict) -> str:
+    return f"set-{esc(model['model_id'][:12])}"  # a set's name may be learned again, as a new model
+
+
+def concept_strip(token: str, source: str, masks: Sequence[tuple[dict, Thumb]], photos: Mapping[str, Thumb]) -> str:
+    """A row per photo, a column per E-step, so a mask's drift reads left to right."""
+    steps = sorted({(r["iteration"], r["step"]) for r, _ in masks})
+    cells: dict[str, dict[int, str]] = {}
+    for row, image in masks:
+        exact = "" if row["iou_exact"] is None else f" &middot; exact {fmt(row['iou_exact'])}"
+        cells.setdefault(row["image_id"], {})[row["iteration"]] = figure(
+            image, f"{token} mask, iteration {row['iteration']}",
+            f"it {row['iteration']} &middot; step {row['step']}<br>IoU {fmt(row['iou_ingest'])}{exact}", "")
+    regions = {r["image_id"]: r["region"] for r, _ in masks}
+    rows = ((figure(photos[i], "photo", f"{esc(i[:12])} &middot; {esc(regions[i])}", ""),
+             *(by_iteration.get(it, "") for it, _ in steps)) for i, by_iteration in cells.items())
+    grid = table(("photo", *(f"iteration {it} (step {step})" for it, step in steps)), rows, "strip")
+    return (f'<div class="concept" data-concept="{esc(token)}"><h3>{esc(token)} '
+            f'<span class="muted">from {esc(source)}</span></h3>{or_none(grid if masks else "", "masks")}</div>')
+
+
+def concepts_page(sets: Sequence[ConceptSet]) -> str:
+    body = '<nav><a href="index.html">&larr; catalog summary</a></nav><h1>Concept sets</h1>'
+    for s in sets:
+        strips = "".join(concept_strip(token, source, s.masks.get(token, ()), s.photos)
+                         for token, source in zip(s.params["tokens"], s.params["sources"]))
+        body += (f'<section id="{concept_anchor(s.model)}"><h2>{esc(s.params["set"])}</h2>'
+                 f'<p class="muted">model {esc(s.model["model_id"][:12])} '
+                 f'&middot; refined by {esc(s.params["refine"])} '
+                 f'&middot; IoU against the ingest mask; exact against a drawn demo photo&#x27;s true mask '
+                 f'&middot; created {when(s.model["created_at"])}</p>{strips}</section>')
+    return page("concept sets", body)
 
 
 # -- one subject --------------------------------------------------------------------

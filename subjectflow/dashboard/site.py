@@ -1,9 +1,10 @@
 """Build the dashboard: a static site of one catalog, readable offline from disk.
 
 The site is plain files with relative links (index.html, subjects-N.html,
-subject/<id>.html, thumbs/, style.css), so it opens from file://, and can be moved or
-zipped. A build is written into a hidden staging folder beside `out_dir` and swapped in
-at the end: a crash leaves the previous site, never a half-written one.
+subject/<id>.html, concepts.html once a concept set is learned, thumbs/, style.css), so it
+opens from file://, and can be moved or zipped. A build is written into a hidden staging
+folder beside `out_dir` and swapped in at the end: a crash leaves the previous site, never
+a half-written one.
 
 Thumbnails are named after what they shrink (a blob path, or a shard path plus member;
 blobs are content-addressed, so the name pins the pixels) and a rebuild hard-links
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -31,7 +33,7 @@ from PIL import Image
 from ..catalog import TABLES, Catalog, CatalogError, list_versions
 from ..training.subjects import scored_as
 from . import pages
-from .pages import Entry, Thumb, Trend
+from .pages import ConceptSet, Entry, Thumb, Trend
 
 THUMBS_DIR = "thumbs"
 SUBJECTS_DIR = "subject"
@@ -285,13 +287,16 @@ def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails, page_size: int
     for number, href in enumerate(hrefs[1:], start=2):
         chunk = entries[(number - 1) * page_size:number * page_size]
         (site / href).write_text(pages.list_page(chunk, len(entries), number, hrefs), encoding="utf-8")
-    # The index comes after every subject page: its list of placeholders must be complete.
+    concept_sets = _concept_sets(tables, thumbs)
+    if concept_sets:
+        (site / pages.CONCEPTS_PAGE).write_text(pages.concepts_page(concept_sets), encoding="utf-8")
+    # The index comes after every other page: its list of placeholders must be complete.
     versions = list_versions(catalog)
     summary = pages.summary(str(catalog.root), versions[0] if versions else None,
                             {name: t.num_rows for name, t in tables.items()}, thumbs.missing)
     runs = sorted(tables["runs"].to_pylist(), key=lambda r: r["started_at"], reverse=True)
     index = pages.index_page(summary, pages.subject_list(entries[:page_size], len(entries), 1, hrefs),
-                             metric_trends(tables["metrics"]), runs)
+                             metric_trends(tables["metrics"]), runs, concept_sets)
     (site / hrefs[0]).write_text(index, encoding="utf-8")
     (site / MARKER).write_text("written by `subjectflow dashboard`; rebuilding replaces this folder\n")
     return hrefs, [e.href for e in entries]
@@ -314,6 +319,22 @@ def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict]
         scores=scores, prompt_rows=[r for r in rows["prompt_metrics"] if r["evaluation_id"] in latest])
     cover = photos[0][1] if photos else Thumb(None, "no photos")
     return Entry(subject, subject_href(subject["subject_id"]), cover, scores), html
+
+
+def _concept_sets(tables: dict[str, pa.Table], thumbs: Thumbnails) -> list[ConceptSet]:
+    """Every learned concept set, its masks by concept in photo then E-step order."""
+    models = [(r, json.loads(r["params"])) for r in tables["models"].to_pylist() if r["method"] == "concepts"]
+    masks = group_by(tables["concept_masks"].to_pylist(), "model_id")
+    photos = {r["image_id"]: r["thumbnail_file"] for r in tables["images"].to_pylist()}
+    made = []
+    for model, params in sorted(models, key=lambda m: (m[1]["set"], m[0]["created_at"])):
+        rows = sorted(masks.get(model["model_id"], []), key=lambda r: (r["image_id"], r["iteration"]))
+        # A photo removed since the set was learned still has its masks to show.
+        shown = {i: thumbs.blob(photos[i]) if i in photos else Thumb(None, "photo no longer in the catalog")
+                 for i in {r["image_id"] for r in rows}}
+        by_concept = {c: [(r, thumbs.blob(r["file"])) for r in group] for c, group in group_by(rows, "concept").items()}
+        made.append(ConceptSet(model, params, by_concept, shown))
+    return made
 
 
 def _jointset_thumbs(rows: list[dict], thumbs: Thumbnails) -> dict[str, list[tuple[dict, Thumb]]]:
