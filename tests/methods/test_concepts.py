@@ -56,10 +56,14 @@ def test_sources_resolve_to_tokens_regions_and_initialisers(tiny):
         resolve(catalog, [parse_source("image:00.jpg")])  # every subject has a 00.jpg
 
 
-def test_only_the_new_token_rows_receive_gradients_and_other_rows_stay(tiny):
+@pytest.mark.parametrize("kv", [False, True])
+def test_only_the_new_token_rows_and_kv_lora_receive_gradients_and_other_rows_stay(tiny, kv):
     catalog, config, ctx = tiny
+    if kv:
+        ctx = context(catalog, tiny_config(concepts={**CONCEPTS, "kv": True}))
     parts = ctx.parts
     concepts = resolve(catalog, [parse_source(s) for s in _sources(catalog)])
+    unet_before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
     with concept_objective(ctx, concepts) as objective:
         tokens = objective.concepts
         before = tokens.embedding.weight.detach().clone()
@@ -68,12 +72,24 @@ def test_only_the_new_token_rows_receive_gradients_and_other_rows_stay(tiny):
             objective.loss(step_generator(0, step, 0))[0].backward()
             touched = {id(p) for module in (parts.unet, parts.text_encoder, parts.vae) for p in module.parameters()
                        if p.grad is not None}
-            assert touched == {id(p) for p in objective.parameters()} == {id(tokens.embedding.weight)}
+            assert touched == {id(p) for p in objective.parameters()}
+            assert {id(p) for p in objective.parameters()} - {id(p) for p in objective.kv} == {
+                id(tokens.embedding.weight)}
+            assert bool(objective.kv) == kv and all(name.endswith(("to_k", "to_v")) for name, m in
+                                                     parts.unet.named_modules() if hasattr(m, "lora_A"))
             optimiser.step()
             optimiser.zero_grad()
             objective.after_step()
         moved = torch.nonzero((tokens.embedding.weight.detach() != before).any(dim=1)).flatten().tolist()
         assert moved == sorted(tokens.ids)
+    # the model is given back: no LoRA, the UNet's weights and flags as they were (peft keeps
+    # its empty wrapper around a layer once adapted: `base_layer` in the names)
+    def unwrapped(state):
+        return {k.replace(".base_layer", ""): v for k, v in state.items()}
+
+    after, before = unwrapped(parts.unet.state_dict()), unwrapped(unet_before)
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+    assert all(p.requires_grad for p in parts.unet.parameters())
 
 
 def test_every_e_step_masks_are_binary_recorded_and_scored(tiny):
