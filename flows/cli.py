@@ -348,7 +348,7 @@ def catalog_summary(catalog: Catalog) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import demo_flow
+    from flows.demo import DEMO_SET, demo_flow
 
     started = time.perf_counter()
     run = demo_flow(args.dir)
@@ -363,8 +363,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"random-test scorers: a smoke test, not quality)")
     print(f"  refreshing again with nothing changed: {run.unchanged_seconds:.1f}s, "
           f"{len(run.unchanged.record.ran)} things made")
+    print(f"  then: {run.concept_set.summary()}")
+    if not run.concept_set.failures:
+        from subjectflow.methods import registry
+        from subjectflow.methods.base import Context
+
+        catalog = Catalog.open(run.catalog)
+        print(registry.set_report(Context.open(catalog, load_config(catalog.params_file)), DEMO_SET[0]))
     print(f"  try:        subjectflow catalog show --catalog {run.catalog}")
-    return 0 if not run.refresh.record.failures else 1
+    return 0 if not (run.refresh.record.failures or run.concept_set.failures) else 1
 
 
 # -- parser ------------------------------------------------------------------------

@@ -70,9 +70,14 @@ def test_a_typo_in_params_yaml_fails_before_any_work(tmp_path, capfd):
 def test_the_demo_keeps_its_own_repository_and_balances(tmp_path, capfd):
     assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
     out = capfd.readouterr().out
-    # One refresh builds everything as one version; the unchanged second one makes nothing.
-    assert "red_mug" in out and "latest version: v1" in out and "catalog-refresh completed" in out
+    # One refresh builds everything as one version; the unchanged second one makes nothing;
+    # the concept set is the second version, its masks scored against the drawn truth.
+    assert "red_mug" in out and "latest version: v2" in out and "catalog-refresh completed" in out
     assert "nothing changed" in out and ", 0 things made" in out
+    report = out[out.index("concept set scene"):]
+    assert "<studio> from image:blue_bottle/00.jpg:background=studio" in report
+    assert " - " not in report.split("\n")[2]  # iteration 0 of <red_mug>: an exact IoU, not "-"
+    assert (tmp_path / "demo" / "dashboard" / "concepts.html").exists()
     assert (tmp_path / "demo" / "catalog" / ".git").is_dir()
     assert (tmp_path / "demo" / "dashboard" / "index.html").exists()
     assert "images              16 rows" in out
