@@ -41,6 +41,8 @@ bench: setup
 	$(BIN)/python bench/tune.py
 	$(BIN)/python bench/joint.py
 	$(BIN)/python bench/oneactor.py
+	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/refine.py
 	$(BIN)/python bench/refresh.py --sizes 10 100
 
 clean-demo:

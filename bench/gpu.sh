@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every CUDA path on one GPU in one go (under 8 minutes on an H100-class GPU): the device's
 # bf16 matmul peak, then SFT and SFO training (bench/tune.py), JeDi set completion and joint
-# training (bench/joint.py), OneActor tuning and guided sampling (bench/oneactor.py) and
-# DETEX training against SFT (bench/tokens.py),
+# training (bench/joint.py), OneActor tuning and guided sampling (bench/oneactor.py), and
+# DETEX and concept-token training against SFT with the concepts' E-step and its dense-CRF
+# refinement per image (bench/tokens.py),
 # all on SD 1.5's UNet architecture at 512 px in bf16 with random weights (nothing is
 # downloaded), then a summary of steps/s, peak GPU memory and TFLOP/s against the peak.
 #
@@ -18,7 +19,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   TUNE=(--steps 2 --warmup 1 --rounds 1)
   JOINT=(--sample-steps 2 --train-steps 2 --warmup 1 --rounds 1 --max-refs 1 --memory-sets 4)
   ONEACTOR=(--steps 2 --warmup 1 --rounds 1 --aux-images 2)
-  TOKENS=(--steps 2 --warmup 1 --rounds 1)
+  TOKENS=(--steps 2 --warmup 1 --rounds 1 --e-steps 1 --repeats 1)
 else
   ARCH=(--arch sd15 --device cuda)
   PEAK=(--device cuda)

@@ -54,8 +54,14 @@ def summary(out: Path) -> None:
     print(f"oneactor: to train {ratios['tuning_oneactor_over_sft']:.2f}x SFT's time, sampling "
           f"{ratios['sampling_oneactor_over_cfg']:.2f}x plain CFG per image")
     tokens = json.loads((out / "tokens" / "results.json").read_text())
-    print("detex training steps/s: " + ", ".join(f"{k} {1 / v:.2f}" for k, v in tokens["s_per_step"].items())
-          + f" ({tokens['ratios']['detex_over_sft_per_step']:.2f}x SFT's time per step)")
+    per_step, ratios, em = tokens["s_per_step"], tokens["ratios"], tokens["concepts"]
+    print("detex training steps/s: " + ", ".join(f"{k} {1 / per_step[k]:.2f}" for k in ("SFT", "DETEX"))
+          + f" ({ratios['detex_over_sft_per_step']:.2f}x SFT's time per step)")
+    refine = ", ".join(f"{k} {'not installed' if v is None else f'{v:.4f} s'}"
+                       for k, v in tokens["refine_s_per_image"].items())
+    print(f"concepts training steps/s: {1 / per_step['Concepts']:.2f} ({ratios['concepts_over_sft_per_step']:.2f}x "
+          f"SFT's time per step); E-step {em['e_step_s']:.3f} s ({em['e_step_s_per_photo']:.3f} s per photo, "
+          f"{em['refiner']}); refinement per image: {refine}")
 
 
 def main() -> None:

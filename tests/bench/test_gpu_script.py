@@ -20,3 +20,4 @@ def test_the_gpu_script_dry_run_runs_every_bench_and_summarises(tmp_path):
     summary = done.stdout[done.stdout.index("matmul peak"):]
     assert "pipeline SFO" in summary and "of peak" in summary and "oneactor: to train" in summary
     assert "detex training steps/s: SFT" in summary
+    assert "concepts training steps/s" in summary and "E-step" in summary
