@@ -151,18 +151,26 @@ def test_a_composition_samples_and_the_export_reproduces_it_with_stock_diffusers
     files = {p.name for p in registry.export_set(ctx, "scene", out)}
     assert {"learned_embeds-0.safetensors", "learned_embeds-1.safetensors", "README.md"} <= files
 
+    assert _stock_difference(catalog, config, out, ours) <= 1
+    with pytest.raises(TuningError, match="no concept set .* holds <teapot>"):
+        registry.sample(ctx, "concepts", None, "a photo of <teapot>", 1)
+
+
+def _stock_difference(catalog, config, out, sample) -> int:
+    """The largest pixel difference between `sample` and stock diffusers' image of its prompt
+    and seed from the export in `out` (its LoRA too, when there is one)."""
     pipe = StableDiffusionPipeline.from_pretrained(catalog.root / MODELS_DIR / "tiny-sd")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for i in range(2):
-        pipe.load_textual_inversion(str(out / f"learned_embeds-{i}.safetensors"))
+    if (out / "pytorch_lora_weights.safetensors").exists():
+        pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    for embeds in sorted(out.glob("learned_embeds-*.safetensors")):
+        pipe.load_textual_inversion(str(embeds))
     cfg = config.generate
-    theirs = pipe(PROMPT, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
-                  width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(ours["seed"])).images[0]
-    difference = np.abs(np.asarray(theirs, dtype=int) - np.asarray(Image.open(catalog.blob_path(ours["file"])), dtype=int))
-    assert difference.max() <= 1
-    with pytest.raises(TuningError, match="no concept set .* holds <teapot>"):
-        registry.sample(ctx, "concepts", None, "a photo of <teapot>", 1)
+    theirs = pipe(sample["prompt"], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
+                  width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(sample["seed"])).images[0]
+    ours = np.asarray(Image.open(catalog.blob_path(sample["file"])), dtype=int)
+    return int(np.abs(np.asarray(theirs, dtype=int) - ours).max())
 
 
 def test_learn_and_compose_through_the_cli(tmp_path, capfd):
@@ -180,6 +188,10 @@ def test_learn_and_compose_through_the_cli(tmp_path, capfd):
     assert _cli(catalog, config, "generate", "--method", "concepts", "--prompt", PROMPT, "--n", "2") == 0
     samples = [r for r in catalog.read("samples").to_pylist() if r["method"] == "concepts"]
     assert len(samples) == 2 and {r["subject_id"] for r in samples} == {None}
+    out = tmp_path / "export"
+    assert _cli(catalog, config, "concepts", "export", "scene", "--out", str(out)) == 0
+    assert (out / "pytorch_lora_weights.safetensors").exists()  # K/V trained: the LoRA beside the tokens
+    assert _stock_difference(catalog, config, out, samples[0]) <= 1
     assert _cli(catalog, config, "generate", "--method", "concepts", "--prompt", "a photo of <teapot>") == 2
     assert "holds <teapot>" in capfd.readouterr().err
     assert _cli(catalog, config, "concepts", "evaluate", "scene") == 0
