@@ -26,9 +26,10 @@ class TuneRun:
     outcomes: list[TuneOutcome] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # subject -> why
     version: CatalogVersion | None = None
+    made: str = "tuned {n} subject(s)"  # what the run made, for its summary
 
     def summary(self) -> str:
-        lines = [f"tuned {len(self.outcomes)} subject(s), {len(self.failures)} failed"]
+        lines = [f"{self.made.format(n=len(self.outcomes))}, {len(self.failures)} failed"]
         lines += [f"  {o.summary()}" for o in self.outcomes]
         lines += [f"  FAILED {subject}: {why}" for subject, why in self.failures.items()]
         return "\n".join(lines)
@@ -48,9 +49,9 @@ def wait_all(futures, labels: list[str]) -> tuple[dict[str, Any], dict[str, str]
     return results, failures
 
 
-def _collect(futures, subjects: list[str]) -> TuneRun:
+def _collect(futures, subjects: list[str], made: str = TuneRun.made) -> TuneRun:
     results, failures = wait_all(futures, subjects)
-    return TuneRun(list(results.values()), failures)
+    return TuneRun(list(results.values()), failures, made=made)
 
 
 def _finish(root: Path, run: TuneRun, config: Config) -> TuneRun:
@@ -110,7 +111,8 @@ def learn_concepts_flow(catalog: str, name: str, sources: list[str], config: Con
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
     ensure_gpu_limit_task(device_slots())
-    return _finish(root, _collect([learn_task.submit(root, name, sources, config)], [name]), config)
+    futures = [learn_task.submit(root, name, sources, config)]
+    return _finish(root, _collect(futures, [name], "learned {n} concept set(s)"), config)
 
 
 @flow(name="generate", log_prints=True)
