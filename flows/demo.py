@@ -28,7 +28,7 @@ from subjectflow.demo_photos import write_photo_sets
 # cores; the settings are data beside this file so the flow itself names no method.
 DEMO_PARAMS = Path(__file__).with_name("demo.yaml")
 # A concept set over drawn photos, whose exact masks the demo knows: every EM iteration's
-# masks are scored against them as well as against ingest's (`subjectflow concepts show`).
+# masks are scored against them as well as against ingest's (the report the CLI prints).
 DEMO_SET = ("scene", ["subject:red_mug", "image:blue_bottle/00.jpg:background=studio"])
 
 

@@ -40,5 +40,6 @@ def test_prodigy_with_an_adamw_sized_learning_rate_is_refused_with_what_to_set()
         load_config(overrides={"train": {"optimizer": "prodigy"}})
     ones = {"learning_rate": 1.0}
     config = load_config(overrides={"train": {"optimizer": "prodigy", **ones}, "sfo": ones, "joint": ones,
-                                    "oneactor": ones, "detex": {**ones, "kv_learning_rate": 1.0}})
+                                    "oneactor": ones, "detex": {**ones, "kv_learning_rate": 1.0},
+                                    "concepts": {**ones, "kv_learning_rate": 1.0}})
     assert config.train.optimizer == "prodigy"
