@@ -19,6 +19,7 @@ import yaml
 from subjectflow.catalog import BLOB_KINDS, TABLES, Catalog, CatalogError, init_catalog, list_versions
 from subjectflow.config import ConfigError, load_config
 from subjectflow.ingest import SourceError
+from subjectflow.methods import SETS_COMMAND
 from subjectflow.models.loading import ModelNotAvailable
 
 
@@ -492,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the weights and manifest.json into")
     _add_catalog(p)
 
-    sets = command("concepts", lambda a: 2, "learn named concept sets (a subject, a region of a photo; up to "
+    sets = command(SETS_COMMAND, lambda a: 2, "learn named concept sets (a subject, a region of a photo; up to "
                    "three) as tokens and masks by EM, then compose them in prompts")
     csub = sets.add_subparsers(dest="set_command", required=True, metavar="ACTION")
     p = csub.add_parser("learn", help="learn (or reuse) a concept set: its tokens, and masks refined every E-step",

@@ -7,3 +7,8 @@ team's shared/ folder), each holding its math, objective, sampling and export.
 - `sfo`: Subject Fidelity Optimization on CDNS negatives (section 1).
 - `jedi`: the joint-image model and zero-shot SFO on it (section 2).
 """
+
+# The command group (`subjectflow concepts learn|show|evaluate|export`) for the method that
+# learns named concept sets (`registry.learner()`). It lives here, not in the CLI, so the
+# CLI names no method, and costs no import: the registry loads torch and every method.
+SETS_COMMAND = "concepts"

@@ -19,6 +19,7 @@ from ..config import Config
 from ..training.artefacts import find_row
 from ..training.sampling import generate_with_loras, identified, subject_prompt
 from ..training.subjects import Subject, TuningError, load_subject, load_subjects
+from . import SETS_COMMAND
 from .base import Artefacts, Context, Method
 
 METHODS: dict[str, Method] = {}
@@ -322,7 +323,7 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
     """What `subjectflow methods` prints."""
     lines = []
     for name, method in METHODS.items():
-        scope = ("named sets of chosen photos (`subjectflow concepts learn`)" if method.named_sets
+        scope = (f"named sets of chosen photos (`subjectflow {SETS_COMMAND} learn`)" if method.named_sets
                  else "shared by every subject" if method.shared else "per subject")
         needs = f"; needs {', '.join(method.needs)}" if method.needs else ""
         needs += "; keeps a training photo's pose/background (--keep-pose/--keep-background)" if method.keeps_attributes else ""

@@ -25,10 +25,7 @@ def test_flows_and_tasks_never_name_a_method():
     pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])", re.IGNORECASE)
     found = {}
     for path in sorted((REPO_ROOT / "flows").glob("*.py")) + sorted((REPO_ROOT / "tasks").glob("*.py")):
-        words = _words(path)
-        if path.name == "cli.py":  # the one exception: the command group for named sets is the domain's noun
-            words.remove('"concepts"')
-        for word in words:
+        for word in _words(path):
             for hit in pattern.findall(word):
                 found.setdefault(path.relative_to(REPO_ROOT).as_posix(), set()).add(hit)
     assert found == {}, f"orchestration names methods; go through subjectflow.methods.registry: {found}"

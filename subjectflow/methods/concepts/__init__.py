@@ -35,6 +35,7 @@ from ...training.loop import train
 from ...training.sampling import generate_with_loras
 from ...training.subjects import TuningError
 from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts
+from .. import SETS_COMMAND
 from ..base import Artefacts, Context, Method
 from .em import iou, refiner
 from .model import ConceptObjective, ConceptWeights, composed_prompt
@@ -43,7 +44,7 @@ from .sources import MAX_CONCEPTS, SYNTAX, Concept, parse_source, resolve
 
 NAME = "concepts"
 TOKEN = re.compile(r"<[^<>\s]+>")
-LEARN = f"subjectflow concepts learn NAME --from {SYNTAX}"
+LEARN = f"subjectflow {SETS_COMMAND} learn NAME --from {SYNTAX}"
 
 
 def concept_params(config: Config, base: str, name: str, concepts: list[Concept]) -> dict:
@@ -249,7 +250,7 @@ def export_files(weights: ConceptWeights, out: Path) -> list[Path]:
 
 class Concepts(Method):
     name = NAME
-    summary = "up to three concept tokens and their masks, learned by EM (`subjectflow concepts learn`)"
+    summary = f"up to three concept tokens and their masks, learned by EM (`subjectflow {SETS_COMMAND} learn`)"
     shared = True
     table = MODELS
     sections = ("train", "concepts")

@@ -25,6 +25,7 @@ from ...catalog.store import utcnow
 from ...config import stable_hash
 from ...evaluation.metrics import Masker, clip_t, fidelity, subject_crop
 from ...evaluation.scorers import Scorers, scorer_names
+from .. import SETS_COMMAND
 from ..base import Context
 from .model import ConceptWeights, composed_prompt
 
@@ -98,7 +99,7 @@ def score_set(ctx: Context, row: dict, scorers: Scorers, masker: Masker, sample)
 def score_lines(rows: list[dict]) -> list[str]:
     """The newest evaluation's scores as report lines, random-weight scorers flagged."""
     if not rows:
-        return ["  compositions: not evaluated yet (`subjectflow concepts evaluate NAME`)"]
+        return [f"  compositions: not evaluated yet (`subjectflow {SETS_COMMAND} evaluate NAME`)"]
     newest = max(rows, key=lambda r: r["evaluated_at"])["evaluation_id"]
     rows = [r for r in rows if r["evaluation_id"] == newest]
     flagged = sorted({r["scorer_kind"] for r in rows} - {"pretrained"})
