@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subjectflow.demo_photos import DEMO_SUBJECTS, JPEG_QUALITY, draw_with_mask  # noqa: E402
+from subjectflow.demo_photos import DEMO_SUBJECTS, drawn_jpeg  # noqa: E402
 from subjectflow.methods.concepts.em import crf_installed, iou, refine  # noqa: E402
 from subjectflow.training.tokens import MAP_DOWNSCALE  # noqa: E402
 
@@ -33,10 +33,8 @@ def drawn_set(size: int, per_subject: int) -> list[tuple[np.ndarray, np.ndarray]
     pairs = []
     for subject in DEMO_SUBJECTS:
         for index in range(per_subject):
-            photo, mask = draw_with_mask(subject, index, size)
-            buffer = io.BytesIO()
-            photo.save(buffer, "JPEG", quality=JPEG_QUALITY)  # the bytes ingest would read
-            pairs.append((np.asarray(Image.open(buffer).convert("RGB")), np.asarray(mask) > 127))
+            data, mask = drawn_jpeg(subject, index, size)  # the bytes ingest would read
+            pairs.append((np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(mask) > 127))
     return pairs
 
 

@@ -179,6 +179,15 @@ def cmd_jointsets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_steps(catalog: Catalog, args: argparse.Namespace, settings: list[str]) -> Any:
+    """The config with `--steps` written to each "section.key" of `settings`."""
+    steps: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        section, key = setting.split(".")
+        steps.setdefault(section, {})[key] = args.steps
+    return load_config(catalog.params_file, _merge(_overrides(args), steps))
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from flows.tune import tune_methods_flow
     from subjectflow.methods import registry
@@ -189,11 +198,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError("name the subjects with --subject NAME (repeatable), or pass --all")
     if args.steps is not None:  # each named method's own step count, not its parent's
         settings = sorted({registry.get(m).steps_setting for m in methods})
-        steps = {}
-        for setting in settings:
-            section, key = setting.split(".")
-            steps.setdefault(section, {})[key] = args.steps
-        config = load_config(catalog.params_file, _merge(_overrides(args), steps))
+        config = _with_steps(catalog, args, settings)
         print(f"tune: --steps {args.steps} sets {', '.join(settings)}")
     run = tune_methods_flow(str(catalog.root), methods, args.subject or None, config)
     print(run.summary())
@@ -242,8 +247,7 @@ def cmd_concepts_learn(args: argparse.Namespace) -> int:
 
     catalog, config = _config(args)
     if args.steps is not None:
-        section, key = registry.learner().steps_setting.split(".")
-        config = load_config(catalog.params_file, _merge(_overrides(args), {section: {key: args.steps}}))
+        config = _with_steps(catalog, args, [registry.learner().steps_setting])
     ctx = Context.open(catalog, config)
     why = registry.learning_blocker(ctx, args.name, args.sources)
     if why:

@@ -184,11 +184,16 @@ def drawn_mask(photo: bytes, source_uri: str) -> Image.Image | None:
     subject = next((s for s in DEMO_SUBJECTS if s.name == path.parent.name), None)
     if subject is None or not (path.stem.isdigit() and path.suffix == ".jpg"):
         return None
-    size = Image.open(io.BytesIO(photo)).width
-    image, mask = draw_with_mask(subject, int(path.stem), size)
+    data, mask = drawn_jpeg(subject, int(path.stem), Image.open(io.BytesIO(photo)).width)
+    return mask if data == photo else None
+
+
+def drawn_jpeg(subject: DemoSubject, index: int, size: int = 384) -> tuple[bytes, Image.Image]:
+    """The photo's file bytes, as `write_photo_sets` writes them, and its exact mask."""
+    image, mask = draw_with_mask(subject, index, size)
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)
-    return mask if buffer.getvalue() == photo else None
+    return buffer.getvalue(), mask
 
 
 def draw_with_mask(subject: DemoSubject, index: int, size: int = 384) -> tuple[Image.Image, Image.Image]:
@@ -247,7 +252,7 @@ def write_photo_sets(root: Path, subjects: Sequence[DemoSubject] = DEMO_SUBJECTS
         written = set()
         for i in range(photos_per_subject):
             path = folder / f"{i:02d}.jpg"
-            draw_photo(subject, i, size).save(path, "JPEG", quality=JPEG_QUALITY)
+            path.write_bytes(drawn_jpeg(subject, i, size)[0])
             written.add(path.name)
         # Drop leftovers from an earlier, larger run so reruns give the same set.
         for stale in folder.glob("[0-9][0-9].jpg"):

@@ -139,11 +139,12 @@ def embed_prompts(concepts: ConceptTokens, text_encoder, prompts: list[str],
             hook.remove()
 
 
-def textual_inversion_files(concepts: ConceptTokens) -> dict[str, bytes]:
-    """One diffusers textual-inversion file per token ({token: [D]}, as `textual_inversion.py`
-    saves `learned_embeds.safetensors`); `pipe.load_textual_inversion(path)` reads each."""
+def textual_inversion_files(vectors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """One diffusers textual-inversion file per token of `vectors` (token -> [D], as
+    `ConceptTokens.vectors()` gives them), each {token: [D]} as `textual_inversion.py` saves
+    `learned_embeds.safetensors`; `pipe.load_textual_inversion(path)` reads each."""
     return {f"learned_embeds-{i}.safetensors": save({token: vector.contiguous()})
-            for i, (token, vector) in enumerate(concepts.vectors().items())}
+            for i, (token, vector) in enumerate(vectors.items())}
 
 
 # -- the masked loss ------------------------------------------------------------------------

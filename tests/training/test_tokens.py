@@ -71,7 +71,7 @@ def test_textual_inversion_files_load_with_diffusers_own_call(tmp_path):
         with torch.no_grad():
             concepts.embedding.weight[list(concepts.ids)] += 0.5
         learned = concepts.vectors()
-        for name, blob in textual_inversion_files(concepts).items():
+        for name, blob in textual_inversion_files(concepts.vectors()).items():
             (tmp_path / name).write_bytes(blob)
     pipe.load_textual_inversion(sorted(str(p) for p in tmp_path.iterdir()))
     rows = pipe.text_encoder.get_input_embeddings().weight

@@ -29,12 +29,12 @@ from ...config import Config, stable_hash
 from ...demo_photos import drawn_mask
 from ...ingest.photo import encode_png
 from ...training.adapters import WEIGHT_NAME, frozen, trained_adapter
-from ...training.artefacts import autocast_dtype, prepare_unet, record_trained
+from ...training.artefacts import autocast_dtype, find_row, prepare_unet, record_trained
 from ...training.data import encode_latents, load_images, load_masks
 from ...training.loop import train
 from ...training.sampling import generate_with_loras
 from ...training.subjects import TuningError
-from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts
+from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts, textual_inversion_files
 from .. import SETS_COMMAND
 from ..base import Artefacts, Context, Method
 from .em import iou, refiner
@@ -143,7 +143,7 @@ def learn_concepts(ctx: Context, name: str, specs: list[str], stop_after: int | 
     config, cc = ctx.config, ctx.config.concepts
     concepts = resolve(ctx.catalog, [parse_source(s) for s in specs])
     model_id = concept_set_id(config, ctx.base, name, concepts)
-    found = next((r for r in ctx.catalog.read(MODELS.name).to_pylist() if r["model_id"] == model_id), None)
+    found = find_row(ctx.catalog, MODELS, model_id)
     label = f"{NAME} {name} ({', '.join(c.token for c in concepts)}) {model_id}"
     if found is not None:
         ctx.reused.append(label)
@@ -239,9 +239,9 @@ def sample_concepts(ctx: Context, row: dict, prompt: str, n: int) -> list[dict]:
 def export_files(weights: ConceptWeights, out: Path) -> list[Path]:
     """What a plain diffusers user loads: one textual-inversion file per token, the LoRA."""
     files = []
-    for i, (token, vector) in enumerate(weights.vectors.items()):
-        files.append(out / f"learned_embeds-{i}.safetensors")
-        files[-1].write_bytes(save({token: vector.contiguous()}))
+    for name, data in textual_inversion_files(weights.vectors).items():
+        files.append(out / name)
+        files[-1].write_bytes(data)
     if weights.has_lora:
         files.append(out / WEIGHT_NAME)
         files[-1].write_bytes(save(weights.lora, metadata={"format": "pt"}))
