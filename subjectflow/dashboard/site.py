@@ -323,8 +323,9 @@ def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict]
 
 def _concept_sets(tables: dict[str, pa.Table], thumbs: Thumbnails) -> list[ConceptSet]:
     """Every learned concept set, its masks by concept in photo then E-step order."""
-    models = [(r, json.loads(r["params"])) for r in tables["models"].to_pylist() if r["method"] == "concepts"]
     masks = group_by(tables["concept_masks"].to_pylist(), "model_id")
+    # a concept set is the model its masks belong to: the site need not know the method's name
+    models = [(r, json.loads(r["params"])) for r in tables["models"].to_pylist() if r["model_id"] in masks]
     photos = {r["image_id"]: r["thumbnail_file"] for r in tables["images"].to_pylist()}
     made = []
     for model, params in sorted(models, key=lambda m: (m[1]["set"], m[0]["created_at"])):
