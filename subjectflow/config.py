@@ -324,6 +324,21 @@ class VersioningConfig(_Section):
     push: bool = True
 
 
+class ExecutionConfig(_Section):
+    """Where tasks run. Nothing here shapes an artefact, so no id hashes it."""
+
+    # local: the flow's own threads, one per device. dask: a Dask cluster's workers; model
+    # tasks ask each for one "GPU" resource, so the engine places them (one worker per GPU).
+    engine: Literal["local", "dask"] = "local"
+    # A running Dask scheduler (tcp://host:8786) to attach to; "" = start a local cluster
+    # of `workers` processes for the command, for trying the engine out.
+    address: str = ""
+    workers: int = Field(2, ge=1)
+    worker_gpus: int = Field(1, ge=1)  # "GPU" resources each local worker advertises: its model slots
+    # Keep the base model loaded across a process's tasks (models/resident.py); off reloads per task.
+    resident_models: bool = True
+
+
 class Config(_Section):
     ingest: IngestConfig = IngestConfig()
     model: ModelConfig = ModelConfig()
@@ -339,6 +354,7 @@ class Config(_Section):
     concepts: ConceptsConfig = ConceptsConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     versioning: VersioningConfig = VersioningConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @model_validator(mode="after")
     def _prodigy_reads_learning_rates_as_multipliers(self) -> "Config":

@@ -18,21 +18,20 @@ from tasks.tune import device_slot, method_context
 @task(name="plan-evaluations")
 def plan_evaluations_task(catalog_root: Path, config: Config, subjects: list[str] | None,
                           methods: list[str] | None) -> EvaluationPlan:
-    return plan_evaluations(method_context(catalog_root, config), subjects, methods)
+    with method_context(catalog_root, config) as ctx:
+        return plan_evaluations(ctx, subjects, methods)
 
 
 @task(name="evaluate", task_run_name="evaluate-{job.subject.name}-{job.method}")
 def evaluate_task(catalog_root: Path, job: Evaluation, config: Config) -> list[dict]:
-    with device_slot(config) as placed:
-        ctx = method_context(catalog_root, placed)
+    with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
         return evaluate(ctx, job, *_scoring(ctx, placed))
 
 
 @task(name="evaluate-set", task_run_name="evaluate-set-{name}")
 def evaluate_set_task(catalog_root: Path, name: str, config: Config) -> list[dict]:
     """A named concept set's compositions sampled and scored."""
-    with device_slot(config) as placed:
-        ctx = method_context(catalog_root, placed)
+    with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
         return registry.score_set(ctx, name, *_scoring(ctx, placed))
 
 

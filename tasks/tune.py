@@ -81,7 +81,10 @@ def _server_slot() -> Iterator[None]:
 def device_slot(config: Config) -> Iterator[Config]:
     """Hold one device for the block; yields `config` placed on it (`model.device`
     "auto" becomes that slot's `cuda:i`; an explicit device is the user's choice)."""
-    with _server_slot() if _uses_server() else contextlib.nullcontext():
+    # Under an engine its resources place the work; a server limit sized from the driver's
+    # devices would let one model task run at a time across the whole cluster.
+    held = _server_slot() if config.execution.engine == "local" and _uses_server() else contextlib.nullcontext()
+    with held:
         index = _free_devices.get()
         try:
             if config.model.device == "auto" and torch.cuda.device_count():
@@ -117,21 +120,21 @@ def _tune_run_name() -> str:
 @task(name="tune", task_run_name=_tune_run_name)
 def tune_task(catalog_root: Path, subject: str | None, method: str, config: Config) -> TuneOutcome:
     """One subject's artefact for `method` (or the shared one when subject is None)."""
-    with device_slot(config) as placed:
-        return registry.tune(method_context(catalog_root, placed), method, subject)
+    with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
+        return registry.tune(ctx, method, subject)
 
 
 @task(name="make-negatives", task_run_name="negatives-{method}-{subject}")
 def negatives_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
-    with device_slot(config) as placed:
-        return registry.negatives(method_context(catalog_root, placed), method, subject)
+    with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
+        return registry.negatives(ctx, method, subject)
 
 
 @task(name="learn-concepts", task_run_name="learn-concepts-{name}")
 def learn_task(catalog_root: Path, name: str, sources: list[str], config: Config) -> TuneOutcome:
     """The named concept set from its sources (reused when already learned)."""
-    with device_slot(config) as placed:
-        return registry.learn(method_context(catalog_root, placed), name, sources)
+    with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
+        return registry.learn(ctx, name, sources)
 
 
 @task(name="build-jointsets")
@@ -151,5 +154,5 @@ def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | Non
 def generate_task(catalog_root: Path, subject: str | None, method: str | None, prompt: str, n: int, config: Config,
                   references: int | None = None) -> list[dict]:
     """Samples with `method`'s current artefact for the subject; method None: the base model."""
-    with device_slot(config) as placed:
-        return registry.sample(method_context(catalog_root, placed), method, subject, prompt, n, references)
+    with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
+        return registry.sample(ctx, method, subject, prompt, n, references)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import Catalog
+from ..catalog.layout import MODELS_DIR
 from ..catalog.schemas import ADAPTERS, TableSpec
 from ..config import Config
 from ..models.loading import ModelParts
+from ..models.resident import RESIDENT
 from ..training.artefacts import at_model_resolution, base_model_id, open_model
 from ..training.export import export_lora_policy
 from ..training.subjects import Subject
@@ -32,7 +34,8 @@ Artefacts = dict[str, dict]
 @dataclass
 class Context:
     """The catalog, the one config, the base model's id and a logger, plus the model,
-    loaded on first use so that finding everything current never loads it."""
+    loaded on first use so that finding everything current never loads it. A unit of work
+    opens one `with Context.open(...)`: its end gives a borrowed resident model back."""
 
     catalog: Catalog
     config: Config
@@ -42,19 +45,37 @@ class Context:
     made: list[str] = field(default_factory=list)  # what this unit of work made and reused, for its report
     reused: list[str] = field(default_factory=list)
     ids: dict[tuple[str, str | None], str] = field(default_factory=dict)  # the registry's id cache
+    give_back: Callable[[ModelParts], None] | None = None  # returns borrowed parts
     _parts: ModelParts | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, catalog: Catalog, config: Config, say: Callable[[str], None] = print) -> Context:
-        """The context for work on `catalog`: "auto" resolutions resolved for its base model."""
+        """The context for work on `catalog`: "auto" resolutions resolved for its base model,
+        which comes from this process's resident models unless `execution.resident_models` is off."""
         config = at_model_resolution(catalog, config)
-        return cls(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0], say)
+        if not config.execution.resident_models:
+            return cls(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0], say)
+        model = config.model
+        return cls(catalog, config, base_model_id(catalog, config),
+                   lambda: RESIDENT.checkout(model.base, catalog.root / MODELS_DIR, model.device, model.precision),
+                   say, give_back=RESIDENT.checkin)
 
     @property
     def parts(self) -> ModelParts:
         if self._parts is None:
             self._parts = self.load_parts()
         return self._parts
+
+    def close(self) -> None:
+        if self._parts is not None and self.give_back is not None:
+            self.give_back(self._parts)
+        self._parts = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Method:
