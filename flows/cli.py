@@ -116,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate_flow
 
     catalog, config = _config(args)
-    run = evaluate_flow(str(catalog.root), args.subject or None, args.method or None, config)
+    run = _on_engine(evaluate_flow, config, str(catalog.root), args.subject or None, args.method or None)
     print(run.summary())
     for line in run.unavailable:
         print(f"  not evaluated {line}")
@@ -162,6 +162,14 @@ def _config(args: argparse.Namespace) -> tuple[Catalog, Any]:
     return catalog, load_config(catalog.params_file, _overrides(args))
 
 
+def _on_engine(flow: Any, config: Any, *args: Any) -> Any:
+    """Run `flow(*args, config)` with its tasks on `execution.engine`."""
+    from flows.engine import engine, on_engine
+
+    with engine(config) as placed:
+        return on_engine(flow, placed)(*args, config=placed)
+
+
 def _subjects(args: argparse.Namespace) -> list[str] | None:
     if getattr(args, "all", False):
         return None
@@ -200,7 +208,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         settings = sorted({registry.get(m).steps_setting for m in methods})
         config = _with_steps(catalog, args, settings)
         print(f"tune: --steps {args.steps} sets {', '.join(settings)}")
-    run = tune_methods_flow(str(catalog.root), methods, args.subject or None, config)
+    run = _on_engine(tune_methods_flow, config, str(catalog.root), methods, args.subject or None)
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -209,7 +217,7 @@ def cmd_negatives(args: argparse.Namespace) -> int:
     from flows.tune import negatives_flow
 
     catalog, config = _config(args)
-    run = negatives_flow(str(catalog.root), args.method, args.subject or None, config)
+    run = _on_engine(negatives_flow, config, str(catalog.root), args.method, args.subject or None)
     print(run.summary())
     return 1 if run.failures else 0
 
@@ -252,7 +260,7 @@ def cmd_concepts_learn(args: argparse.Namespace) -> int:
     why = registry.learning_blocker(ctx, args.name, args.sources)
     if why:
         raise CatalogError(why)
-    run = learn_concepts_flow(str(catalog.root), args.name, args.sources, config)
+    run = _on_engine(learn_concepts_flow, config, str(catalog.root), args.name, args.sources)
     print(run.summary())
     if not run.failures:
         print(registry.set_report(ctx, args.name))
@@ -286,8 +294,9 @@ def cmd_concepts_export(args: argparse.Namespace) -> int:
     from subjectflow.methods.base import Context
 
     catalog, config = _config(args)
-    for path in registry.export_set(Context.open(catalog, config), args.name, Path(args.out)):
-        print(path)
+    with Context.open(catalog, config) as ctx:
+        for path in registry.export_set(ctx, args.name, Path(args.out)):
+            print(path)
     return 0
 
 
@@ -304,10 +313,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from subjectflow.methods.base import Context
 
     catalog, config = _config(args)
-    ctx = Context.open(catalog, config)
     out = Path(args.out)
-    for path in registry.export(ctx, args.method, args.subject, out):
-        print(path)
+    with Context.open(catalog, config) as ctx:
+        for path in registry.export(ctx, args.method, args.subject, out):
+            print(path)
     print(f"{out / 'manifest.json'}")
     return 0
 

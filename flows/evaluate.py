@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 
+from flows.engine import limit_devices, model_work
 from flows.ingest import config_for
 from flows.tune import wait_all
 from flows.versioning import version_run
@@ -14,7 +15,7 @@ from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config
 from subjectflow.training.subjects import IN_CATALOG
 from tasks.evaluate import evaluate_set_task, evaluate_task, plan_evaluations_task
-from tasks.tune import device_slots, device_task_runner, ensure_gpu_limit_task
+from tasks.tune import device_task_runner
 
 
 @dataclass
@@ -48,8 +49,9 @@ def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list
     plan = plan_evaluations_task(root, config, subjects, methods)
     run = EvaluateRun(reused=plan.done, unavailable=plan.unavailable)
     if plan.todo:
-        ensure_gpu_limit_task(device_slots())
-        futures = evaluate_task.map(unmapped(root), plan.todo, unmapped(config))
+        limit_devices(config)
+        with model_work(config):
+            futures = evaluate_task.map(unmapped(root), plan.todo, unmapped(config))
         run.scored, run.failures = wait_all(futures, [f"{job.subject.name}/{job.method}" for job in plan.todo])
     get_run_logger().info(run.summary())
     if run.scored:
@@ -62,7 +64,7 @@ def evaluate_set_flow(catalog: str, name: str, config: Config | None = None) -> 
     """Sample and score a named concept set's compositions, then version."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
-    ensure_gpu_limit_task(device_slots())
+    limit_devices(config)
     rows = evaluate_set_task(root, name, config)
     version_run(root, f"evaluate set {name}: {len(rows)} scores", config.versioning)
     return rows

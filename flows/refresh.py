@@ -2,7 +2,8 @@
 
 ingest -> joint sets -> tune each method evaluate.methods names (in registry order, each
 making what it needs first, per stale subject or once when shared) -> evaluate what is new
--> record the run -> version -> dashboard.
+-> record the run -> version -> dashboard. Tuning and evaluation run on `execution.engine`
+(flows/engine.py).
 
 Every stage skips what is current (ids hash their inputs), so an unchanged catalog
 refreshes in seconds and a new photo re-runs only what depends on it. Stages run with
@@ -22,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.engine import engine, on_engine
 from flows.evaluate import evaluate_flow
 from flows.ingest import config_for, ingest_flow
 from flows.joint import jointsets_flow
@@ -126,11 +128,12 @@ def catalog_refresh(catalog: str = "catalog", source: str | None = None, config:
            lambda run: _account_ingest(record, run))
     _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
            lambda run: _account_jointsets(record, run))
-    for method in registry.targets(config, config.evaluate.methods):
-        _stage(record, f"tune {method}", lambda m=method: tune_flow(root, m, subjects, staged),
-               lambda run, m=method: _account_tune(record, m, run))
-    _stage(record, "evaluate", lambda: evaluate_flow(root, subjects, None, staged),
-           lambda run: _account_evaluate(record, run))
+    with engine(staged) as placed:
+        for method in registry.targets(config, config.evaluate.methods):
+            _stage(record, f"tune {method}", lambda m=method: on_engine(tune_flow, placed)(root, m, subjects, placed),
+                   lambda run, m=method: _account_tune(record, m, run))
+        _stage(record, "evaluate", lambda: on_engine(evaluate_flow, placed)(root, subjects, None, placed),
+               lambda run: _account_evaluate(record, run))
 
     versions = list_versions(opened)
     latest = versions[0].number if versions else None

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
+from flows.engine import limit_devices, model_work
 from flows.ingest import config_for
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
@@ -16,8 +17,7 @@ from subjectflow.config import Config
 from subjectflow.methods import registry
 from subjectflow.methods.registry import TuneOutcome
 from tasks.tune import (
-    device_slots, device_task_runner, ensure_gpu_limit_task, generate_task, learn_task, negatives_task,
-    stale_subjects_task, tune_task,
+    device_task_runner, generate_task, learn_task, negatives_task, stale_subjects_task, tune_task,
 )
 
 
@@ -37,14 +37,13 @@ class TuneRun:
 
 def wait_all(futures, labels: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Wait for every future: (results, failures) by label. One failure is reported,
-    never fatal to the others."""
+    never fatal to the others: the task's own error, or the engine's when it gave the task
+    up (Dask's KilledWorker after workers died under it, whose task run never finished)."""
     results, failures = {}, {}
     for label, future in zip(labels, futures):
-        state = future.wait() or future.state
-        if state.is_completed():
+        try:
             results[label] = future.result()
-        else:
-            exc = state.result(raise_on_failure=False)
+        except Exception as exc:  # noqa: BLE001 - each subject's failure is reported, the rest go on
             failures[label] = f"{type(exc).__name__}: {exc}"
     return results, failures
 
@@ -67,15 +66,18 @@ def tune_flow(catalog: str, method: str, subjects: list[str] | None = None, conf
     missing or stale; a shared method's one artefact is made once for all of them."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
-    ensure_gpu_limit_task(device_slots())
+    limit_devices(config)
     return _finish(root, _tune(root, method, subjects, config), config)
 
 
 def _tune(root: Path, method: str, subjects: list[str] | None, config: Config) -> TuneRun:
     if registry.get(method).shared:
-        return _collect([tune_task.submit(root, None, method, config)], [method])
+        with model_work(config):
+            return _collect([tune_task.submit(root, None, method, config)], [method])
     todo = subjects if subjects else stale_subjects_task(root, method, config)
-    return _collect(tune_task.map(unmapped(root), todo, unmapped(method), unmapped(config)), todo)
+    with model_work(config):
+        futures = tune_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
+    return _collect(futures, todo)
 
 
 @flow(name="tune-methods", log_prints=True, task_runner=device_task_runner())
@@ -84,7 +86,7 @@ def tune_methods_flow(catalog: str, methods: list[str], subjects: list[str] | No
     """Several methods in registry order, so what one needs is made before it; one version."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
-    ensure_gpu_limit_task(device_slots())
+    limit_devices(config)
     run = TuneRun()
     for method in registry.targets(config, methods):
         part = _tune(root, method, subjects, config)
@@ -99,9 +101,10 @@ def negatives_flow(catalog: str, method: str, subjects: list[str] | None = None,
     """The CDNS negatives `method` trains on, per subject, with their generator made first."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
-    ensure_gpu_limit_task(device_slots())
+    limit_devices(config)
     todo = subjects if subjects else sorted(Catalog.open(root).read("subjects").column("subject_id").to_pylist())
-    futures = negatives_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
+    with model_work(config):
+        futures = negatives_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
     return _finish(root, _collect(futures, todo), config)
 
 
@@ -110,8 +113,9 @@ def learn_concepts_flow(catalog: str, name: str, sources: list[str], config: Con
     """Learn the concept set `name` from `sources` (subjects or photo regions); one version."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
-    ensure_gpu_limit_task(device_slots())
-    futures = [learn_task.submit(root, name, sources, config)]
+    limit_devices(config)
+    with model_work(config):
+        futures = [learn_task.submit(root, name, sources, config)]
     return _finish(root, _collect(futures, [name], "learned {n} concept set(s)"), config)
 
 
@@ -121,7 +125,7 @@ def generate_flow(catalog: str, prompt: str, subjects: list[str | None], method:
     """Sample per subject with `method`'s current artefact, or the base model when None."""
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
-    ensure_gpu_limit_task(device_slots())
+    limit_devices(config)
     samples = [row for subject in subjects
                for row in generate_task(root, subject, method, prompt, n, config, references)]
     version_run(root, f"generate: {len(samples)} samples of {prompt!r} ({method or 'base'})", config.versioning)

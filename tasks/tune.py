@@ -103,13 +103,15 @@ def ensure_gpu_limit_task(slots: int) -> None:
 
 
 def method_context(catalog_root: Path, config: Config) -> Context:
-    """The catalog, config and base model id, with the model loaded only when work needs it."""
+    """The catalog, config and base model id, with the model loaded only when work needs it;
+    used as `with`, so a borrowed resident model goes back when the task ends."""
     return Context.open(Catalog.open(catalog_root), config, say=get_run_logger().info)
 
 
 @task(name="plan-tuning")
 def stale_subjects_task(catalog_root: Path, method: str, config: Config) -> list[str]:
-    return registry.stale_subjects(method_context(catalog_root, config), method)
+    with method_context(catalog_root, config) as ctx:
+        return registry.stale_subjects(ctx, method)
 
 
 def _tune_run_name() -> str:

@@ -1,0 +1,57 @@
+"""The flows on a real local Dask cluster: 2 worker processes, each advertising one fake GPU."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from distributed import Client, LocalCluster, get_task_stream
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.engine import MODEL_RESOURCE, engine, on_engine
+from flows.tune import tune_flow
+from subjectflow.config import ConfigError
+from tests.training.conftest import ingested_catalog, tiny_config
+
+SUBJECTS = ("red_mug", "blue_box", "vase", "teapot")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, resources={MODEL_RESOURCE: 1},
+                      dashboard_address=None) as running:
+        yield running
+
+
+def _adapters(catalog) -> dict[str, tuple[str, str]]:
+    return {row["subject_id"]: (row["adapter_id"], hashlib.sha256(catalog.blob_path(row["file"]).read_bytes()).hexdigest())
+            for row in catalog.read("adapters").to_pylist()}
+
+
+def test_tuning_on_the_cluster_makes_the_local_engines_adapters_one_model_task_per_gpu(tmp_path, cluster):
+    on_dask = ingested_catalog(tmp_path / "dask", subjects=SUBJECTS, per_subject=2)
+    config = tiny_config(execution={"engine": "dask", "address": cluster.scheduler_address})
+    with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
+        with engine(config) as placed:
+            run = on_engine(tune_flow, placed)(str(on_dask.root), "sft", None, placed)
+    assert not run.failures and sorted(o.subject for o in run.outcomes) == sorted(SUBJECTS)
+
+    local = ingested_catalog(tmp_path / "local", subjects=SUBJECTS, per_subject=2)
+    assert not tune_flow(str(local.root), "sft", None, tiny_config()).failures
+    assert _adapters(on_dask) == _adapters(local) and len(_adapters(local)) == len(SUBJECTS)
+
+    # Each worker has 2 threads but one GPU: its model tasks never overlapped, and both worked.
+    # (A worker stamps a task's stop after it has already freed the resource: ~10 ms here.)
+    spans = [(t["worker"], min(s["start"] for s in t["startstops"]), max(s["stop"] for s in t["startstops"]))
+             for t in stream.data if "tune" in t["key"]]
+    assert len(spans) == len(SUBJECTS) and len({worker for worker, _, _ in spans}) == 2
+    for worker in {w for w, _, _ in spans}:
+        mine = sorted((start, stop) for w, start, stop in spans if w == worker)
+        assert all(next_start > stop - 0.1 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
+
+
+def test_a_remote_cluster_without_a_prefect_server_fails_fast_with_what_to_run():
+    config = tiny_config(execution={"engine": "dask", "address": "tcp://10.0.0.1:8786"})
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(ConfigError, match="prefect server start"):
+        with engine(config):
+            pass
