@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import threading
+import time
 
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
@@ -48,6 +52,35 @@ def test_tuning_on_the_cluster_makes_the_local_engines_adapters_one_model_task_p
     for worker in {w for w, _, _ in spans}:
         mine = sorted((start, stop) for w, start, stop in spans if w == worker)
         assert all(next_start > stop - 0.1 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
+
+
+def _kill_a_worker_mid_training(client: Client, catalog_root, killed: list[str]) -> None:
+    """SIGKILL a worker busy with a model task once that task has written a checkpoint."""
+    deadline = time.monotonic() + 300
+    while not any((catalog_root / "work").rglob("checkpoint-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    busy = [worker for worker, keys in client.processing().items() if keys]
+    if busy:
+        os.kill(client.run(os.getpid, workers=busy[:1])[busy[0]], signal.SIGKILL)
+        killed.append(busy[0])
+
+
+def test_a_worker_killed_mid_training_costs_only_that_task_a_retry_elsewhere(tmp_path, cluster):
+    settings = {"train": {"steps": 60, "checkpoint_every": 10}}
+    on_dask = ingested_catalog(tmp_path / "dask", per_subject=2)
+    config = tiny_config(**settings, execution={"engine": "dask", "address": cluster.scheduler_address})
+    killed: list[str] = []
+    with Client(cluster.scheduler_address) as client:
+        killer = threading.Thread(target=_kill_a_worker_mid_training, args=(client, on_dask.root, killed))
+        killer.start()
+        with engine(config) as placed:
+            run = on_engine(tune_flow, placed)(str(on_dask.root), "sft", None, placed)
+        killer.join()
+    assert killed and not run.failures and len(run.outcomes) == 2
+
+    uninterrupted = ingested_catalog(tmp_path / "local", per_subject=2)
+    assert not tune_flow(str(uninterrupted.root), "sft", None, tiny_config(**settings)).failures
+    assert _adapters(on_dask) == _adapters(uninterrupted)
 
 
 def test_a_remote_cluster_without_a_prefect_server_fails_fast_with_what_to_run():
