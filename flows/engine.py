@@ -12,6 +12,7 @@ the engine out.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -78,14 +79,16 @@ def engine(config: Config) -> Iterator[Config]:
                 f"set; run `prefect server start` and set PREFECT_API_URL=http://<that host>:4200/api")
         yield config
         return
-    with _shared_api_server(), LocalCluster(
+    # Prefect's console handler would show the scheduler's and nannies' INFO chatter.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with prefect_api(), LocalCluster(
             n_workers=execution.workers, threads_per_worker=execution.worker_gpus + 1, processes=True,
             resources={MODEL_RESOURCE: execution.worker_gpus}, dashboard_address=None) as cluster:
         yield config.model_copy(update={"execution": execution.model_copy(update={"address": cluster.scheduler_address})})
 
 
 @contextlib.contextmanager
-def _shared_api_server() -> Iterator[None]:
+def prefect_api() -> Iterator[None]:
     """The flow's Prefect API, for the local workers too. Left alone, each worker process
     would start its own temporary server, which times out on a busy machine and outlives it."""
     if PREFECT_API_URL.value():

@@ -9,12 +9,14 @@ import threading
 import time
 
 import pytest
+import yaml
 from distributed import Client, LocalCluster, get_task_stream
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.engine import MODEL_RESOURCE, engine, on_engine
 from flows.tune import tune_flow
 from subjectflow.config import ConfigError
+from tests.flows.test_busy_machine import _command
 from tests.training.conftest import ingested_catalog, tiny_config
 
 SUBJECTS = ("red_mug", "blue_box", "vase", "teapot")
@@ -88,3 +90,31 @@ def test_a_remote_cluster_without_a_prefect_server_fails_fast_with_what_to_run()
     with temporary_settings({PREFECT_API_URL: None}), pytest.raises(ConfigError, match="prefect server start"):
         with engine(config):
             pass
+
+
+def _servers_and_workers() -> set[int]:
+    """Prefect temporary servers and spawned worker processes now alive on this machine."""
+    found = set()
+    for proc in os.listdir("/proc"):
+        try:
+            cmdline = open(f"/proc/{proc}/cmdline", "rb").read()
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
+            continue
+        if b"uvicorn" in cmdline or b"spawn_main" in cmdline:
+            found.add(int(proc))
+    return found
+
+
+def test_a_command_without_a_server_runs_a_local_cluster_on_its_own_server_and_leaves_nothing_behind(tmp_path):
+    catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=2)
+    (catalog.root / "params.yaml").write_text(yaml.safe_dump(tiny_config().model_dump(mode="json")))
+    before = _servers_and_workers()
+    done = _command(tmp_path, "tune", "--method", "sft", "--all", "--catalog", str(catalog.root),
+                    "--set", "execution.engine=dask")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [row["subject_id"] for row in catalog.read("adapters").to_pylist()] == ["vase"]
+    assert "Timed out" not in done.stderr and "distributed.scheduler" not in done.stderr
+    deadline = time.monotonic() + 10  # a terminated server may take a moment to exit
+    while _servers_and_workers() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _servers_and_workers() - before
