@@ -1,0 +1,151 @@
+"""Scale-out: the tuning stage on a Dask cluster, engine overhead, and model loads per refresh.
+
+Tiny model, CPU, synthetic subjects of 3 photos (bench/refresh.py's), one torch thread per
+process so that workers do not fight over the cores:
+  engine overhead  a tune flow that finds nothing stale (planning only): the local engine,
+                   Dask attached to a running cluster, and Dask starting its own.
+  tuning           subjects/s of `tune --method sft` on SUBJECTS stale subjects: the local
+                   engine (one device slot), Dask with 1 worker and with 2 (one GPU resource
+                   each); ratios against the local engine, run side by side.
+  model loads      base-model loads in one full `catalog-refresh`, resident models off
+                   (the behaviour before models/resident.py) and on.
+
+Run: .venv/bin/python bench/scaleout.py [--subjects 8] [--steps 20]
+Writes OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: workers inherit it
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from distributed import LocalCluster  # noqa: E402
+
+from bench.refresh import TINY, write_source  # noqa: E402
+from flows.engine import MODEL_RESOURCE, engine, on_engine, prefect_api  # noqa: E402
+from flows.ingest import ingest_flow  # noqa: E402
+from flows.refresh import catalog_refresh  # noqa: E402
+from flows.tune import tune_flow  # noqa: E402
+from subjectflow.catalog import init_catalog  # noqa: E402
+from subjectflow.config import Config, load_config  # noqa: E402
+from subjectflow.models import resident  # noqa: E402
+from subjectflow.training import artefacts  # noqa: E402
+
+
+def fresh_catalog(work: Path, subjects: int, config: Config) -> str:
+    shutil.rmtree(work, ignore_errors=True)
+    write_source(work / "photo_sets", subjects)
+    root = str(init_catalog(work / "catalog", config, standalone=True).root)
+    ingest_flow(str(work / "photo_sets"), root, config)
+    return root
+
+
+def dask_config(config: Config, address: str = "") -> Config:
+    return config.model_copy(update={"execution": config.execution.model_copy(
+        update={"engine": "dask", "address": address})})
+
+
+@contextlib.contextmanager
+def cluster(workers: int):
+    with LocalCluster(n_workers=workers, threads_per_worker=2, processes=True, resources={MODEL_RESOURCE: 1},
+                      dashboard_address=None) as running:
+        yield running.scheduler_address
+
+
+def timed_tune(root: str, config: Config) -> tuple[float, int]:
+    start = time.perf_counter()
+    with engine(config) as placed:
+        run = on_engine(tune_flow, placed)(root, "sft", None, placed)
+    if run.failures:
+        raise SystemExit(f"tuning failed: {run.failures}")
+    return time.perf_counter() - start, len(run.outcomes)
+
+
+def overhead(work: Path, config: Config) -> dict:
+    root = fresh_catalog(work / "overhead", 2, config)
+    timed_tune(root, config)  # everything current from here on
+    with cluster(2) as address:
+        attached = timed_tune(root, dask_config(config, address))[0]
+    return {"local_s": timed_tune(root, config)[0], "dask_attached_s": attached,
+            "dask_own_cluster_s": timed_tune(root, dask_config(config))[0]}
+
+
+def tuning(work: Path, config: Config, subjects: int) -> dict:
+    rates = {}
+    for label, workers in (("local", 0), ("dask 1 worker", 1), ("dask 2 workers", 2)):
+        root = fresh_catalog(work / f"tune-{workers}", subjects, config)
+        if workers:
+            with cluster(workers) as address:
+                seconds, n = timed_tune(root, dask_config(config, address))
+        else:
+            seconds, n = timed_tune(root, config)
+        rates[label] = n / seconds
+    return rates
+
+
+def model_loads(work: Path, config: Config, subjects: int) -> dict:
+    counted = {"n": 0}
+
+    def counting(load):
+        def wrapper(*args, **kwargs):
+            counted["n"] += 1
+            return load(*args, **kwargs)
+        return wrapper
+
+    # Both ways a base model is loaded: per task (resident off) and into the resident cache.
+    artefacts.load_components = counting(artefacts.load_components)
+    resident.load_components = counting(resident.load_components)
+    loads = {}
+    for label, keep in (("resident off", False), ("resident on", True)):
+        shutil.rmtree(work / "loads", ignore_errors=True)
+        write_source(work / "loads" / "photo_sets", subjects)
+        kept = config.model_copy(update={"execution": config.execution.model_copy(update={"resident_models": keep})})
+        root = init_catalog(work / "loads" / "catalog", kept, standalone=True).root
+        resident.RESIDENT.clear()
+        counted["n"] = 0
+        run = catalog_refresh(str(root), str(work / "loads" / "photo_sets"), kept, str(work / "loads" / "dashboard"))
+        if run.record.failures:
+            raise SystemExit(f"refresh failed: {run.record.failures}")
+        loads[label] = counted["n"]
+    return loads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "scaleout")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = load_config(overrides={**TINY, "train": {**TINY["train"], "steps": args.steps}})
+    with prefect_api():  # one Prefect server for this process and every worker
+        results = {"overhead": overhead(args.out, config), "tuning": tuning(args.out, config, args.subjects),
+                   "model_loads": model_loads(args.out, config, min(args.subjects, 6))}
+    o = results["overhead"]
+    print("engine overhead (a tune flow with nothing stale, wall s)")
+    print(f"  local {o['local_s']:.1f}   dask attached {o['dask_attached_s']:.1f} "
+          f"({o['dask_attached_s'] / o['local_s']:.2f}x)   dask own cluster {o['dask_own_cluster_s']:.1f} "
+          f"({o['dask_own_cluster_s'] / o['local_s']:.2f}x)")
+    print(f"tuning {args.subjects} subjects, sft {args.steps} steps (subjects/s, x local)")
+    local = results["tuning"]["local"]
+    for label, rate in results["tuning"].items():
+        print(f"  {label:<16} {rate:6.2f}  {rate / local:5.2f}x")
+    loads = results["model_loads"]
+    print(f"base-model loads in one catalog-refresh of {min(args.subjects, 6)} subjects: "
+          f"resident off {loads['resident off']}, on {loads['resident on']}")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
