@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,14 +41,18 @@ def _fingerprint(parts: ModelParts) -> torch.Tensor:
 
 @dataclass
 class _Resident:
-    key: tuple
-    parts: ModelParts
+    key: tuple  # (path, weights stamp, device, dtype)
+    ref: weakref.ref  # the parts, whoever holds them
     fingerprint: torch.Tensor
     processors: dict
     embedding: torch.nn.Module
     grad_flags: dict[str, list[bool]]
     vocab: int
-    busy: bool = True
+    idle: ModelParts | None = None  # held here between tasks; None while a task has them
+
+    @property
+    def device(self) -> str:
+        return self.key[2]
 
 
 @dataclass
@@ -58,7 +63,7 @@ class ResidentModels:
     loads: int = 0
     hits: int = 0
     evictions: list[str] = field(default_factory=list)  # why a resident base was dropped
-    _by_device: dict[str, _Resident] = field(default_factory=dict)
+    _entries: dict[tuple, _Resident] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def checkout(self, base: str, models_dir: Path, device: str = "auto", precision: str = "auto") -> ModelParts:
@@ -67,20 +72,21 @@ class ResidentModels:
         path = resolve_model_path(base, models_dir)
         key = (path, _weights_stamp(path), str(target), str(dtype))
         with self._lock:
+            self._forget_unreturned()
+            resident = self._entries.get(key)
+            if self.enabled and resident is not None and resident.idle is not None:
+                parts, resident.idle = resident.idle, None
+                self.hits += 1
+                return parts
+            # one base per device: an idle one of another model makes room
+            for other in [r for r in self._entries.values() if r.device == str(target) and r.idle is not None]:
+                self._drop(other, "another base model was asked for on this device")
             self.loads += 1
-            resident = self._by_device.get(str(target))
-            if self.enabled and resident is not None and not resident.busy:
-                if resident.key == key:
-                    resident.busy = True
-                    self.loads -= 1
-                    self.hits += 1
-                    return resident.parts
-                self._drop(str(target), "another base model was asked for on this device")
         parts = load_components(base, models_dir, target, dtype)
         with self._lock:
-            if self.enabled and str(target) not in self._by_device:
-                self._by_device[str(target)] = _Resident(
-                    key, parts, _fingerprint(parts), dict(parts.unet.attn_processors),
+            if self.enabled and key not in self._entries:
+                self._entries[key] = _Resident(
+                    key, weakref.ref(parts), _fingerprint(parts), dict(parts.unet.attn_processors),
                     parts.text_encoder.get_input_embeddings(),
                     {name: [p.requires_grad for p in m.parameters()] for name, m in _modules(parts).items()},
                     len(parts.tokenizer))
@@ -89,17 +95,22 @@ class ResidentModels:
     def checkin(self, parts: ModelParts) -> None:
         """Give `parts` back as loaded, or drop them when that cannot be made so."""
         with self._lock:
-            device, resident = next(((d, r) for d, r in self._by_device.items() if r.parts is parts), (None, None))
+            resident = next((r for r in self._entries.values() if r.idle is None and r.ref() is parts), None)
             if resident is None:
                 return  # a private load (the resident copy was busy or the cache is off)
-            why = self._restore(resident)
+            why = self._restore(resident, parts)
             if why:
-                self._drop(device, why)
+                self._drop(resident, why)
             else:
-                resident.busy = False
+                resident.idle = parts
 
-    def _restore(self, resident: _Resident) -> str | None:
-        parts = resident.parts
+    def _forget_unreturned(self) -> None:
+        """Entries whose borrower let the parts go without returning them (a caller that
+        never closed its context): nothing holds that model any more."""
+        for key in [k for k, r in self._entries.items() if r.idle is None and r.ref() is None]:
+            del self._entries[key]
+
+    def _restore(self, resident: _Resident, parts: ModelParts) -> str | None:
         unet = parts.unet
         if getattr(unet, "peft_config", None):
             unet.delete_adapters(list(unet.peft_config))
@@ -121,17 +132,17 @@ class ResidentModels:
             return "a task changed the base weights (a full fine-tune)"
         return None
 
-    def _drop(self, device: str, why: str) -> None:
-        del self._by_device[device]
+    def _drop(self, resident: _Resident, why: str) -> None:
+        del self._entries[resident.key]
         self.evictions.append(why)
         gc.collect()
-        if device.startswith("cuda"):
+        if resident.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     def clear(self) -> None:
         with self._lock:
-            for device in [d for d, r in self._by_device.items() if not r.busy]:
-                self._drop(device, "cleared")
+            for resident in [r for r in self._entries.values() if r.idle is not None]:
+                self._drop(resident, "cleared")
 
 
 # This process's resident models: a flow's own threads and an engine worker's tasks share it.

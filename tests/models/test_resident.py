@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 
 import pytest
@@ -37,6 +38,15 @@ def test_the_second_task_on_a_device_reuses_the_loaded_model(models_dir):
     # while it is borrowed, another task gets its own copy rather than sharing one
     third = cache.checkout(TINY_SD, models_dir, "cpu")
     assert third is not first and cache.loads == 2
+
+
+def test_a_borrower_that_never_gives_the_model_back_does_not_block_the_cache(models_dir):
+    cache = ResidentModels()
+    cache.checkout(TINY_SD, models_dir, "cpu")  # e.g. a context nobody closed, then garbage
+    gc.collect()
+    parts = cache.checkout(TINY_SD, models_dir, "cpu")
+    cache.checkin(parts)
+    assert cache.checkout(TINY_SD, models_dir, "cpu") is parts and cache.loads == 2
 
 
 def test_a_task_that_leaves_its_adapter_behind_hands_back_a_clean_model(models_dir):
