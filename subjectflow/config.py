@@ -237,6 +237,12 @@ class JointConfig(_Section):
     max_references: int = Field(3, ge=1)
     image_guidance: float = Field(2.0, ge=0)  # s_I
     text_guidance: float = Field(7.5, ge=0)  # s_T
+    # When changed sets retrain the joint model (JeDi personalises new subjects without
+    # retraining): "any" change; a "fraction" of its sets changed (added, removed or
+    # rebuilt) of at least retrain_fraction; or on a "schedule", once it is retrain_days old.
+    retrain: Literal["any", "fraction", "schedule"] = "fraction"
+    retrain_fraction: float = Field(0.1, gt=0, le=1)
+    retrain_days: float = Field(7.0, gt=0)
 
 
 class OneActorConfig(_Section):

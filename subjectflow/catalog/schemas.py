@@ -213,7 +213,7 @@ JOINTSETS = TableSpec(
 # (zero-shot SFO). Per-subject adapters stay in `adapters`.
 MODELS = TableSpec(
     "models",
-    version=1,
+    version=2,
     key=("model_id",),
     fields=(
         pa.field("model_id", pa.string(), nullable=False),  # hash of method, params, inputs
@@ -228,7 +228,11 @@ MODELS = TableSpec(
         pa.field("final_loss", pa.float64(), nullable=False),
         pa.field("trained_on_version", pa.int32(), nullable=True),
         pa.field("created_at", TIMESTAMP, nullable=False),
+        # A JSON blob {set_id: subject_id} of the joint sets it trained on: what a model kept
+        # by its retrain policy (joint.retrain) is compared with, and who it has seen.
+        pa.field("sets_file", pa.string(), nullable=True),
     ),
+    added=(("sets_file", 2),),
 )
 
 # Prior-preservation class images: the base model's samples of a class prompt, one row per

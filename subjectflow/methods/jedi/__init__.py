@@ -15,10 +15,11 @@ from diffusers import UNet2DConditionModel
 
 from ...catalog.schemas import MODELS
 from ...config import Config
+from ...training.artefacts import find_row
 from ...training.subjects import Subject, TuningError, training_subjects
 from ..base import Artefacts, Context, Method
 from .completion import jedi_negative_plan, make_jedi_negatives, sample_by_completion
-from .model import JEDI, current_sets, joint_model_id, train_joint
+from .model import JEDI, current_model_id, model_subjects, train_joint
 from .zero_shot_sfo import sfo_joint_id, train_sfo_joint
 
 
@@ -44,7 +45,7 @@ class Jedi(Method):
         return config.joint.enabled
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
-        return joint_model_id(ctx.catalog, ctx.config, ctx.base)
+        return current_model_id(ctx.catalog, ctx.config, ctx.base)
 
     def train(self, ctx: Context, subject: Subject | None, needs: Artefacts, stop_after: int | None = None) -> dict:
         return train_joint(ctx, stop_after)
@@ -55,7 +56,8 @@ class Jedi(Method):
                                     artefacts[JEDI], self.name, references)
 
     def trained_on(self, ctx: Context) -> set[str] | None:
-        return {r["subject_id"] for r in current_sets(ctx.catalog, ctx.config)}
+        row = find_row(ctx.catalog, MODELS, current_model_id(ctx.catalog, ctx.config, ctx.base))
+        return model_subjects(ctx.catalog, ctx.config, row)
 
     def lora_policy(self, ctx: Context, subject: Subject | None, artefacts: Artefacts) -> tuple[str, list[dict]] | None:
         rows = [row for _, row in self.weights(artefacts)]

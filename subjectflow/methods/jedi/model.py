@@ -20,12 +20,13 @@ from ...catalog.schemas import JOINTSETS, MODELS
 from ...config import Config, stable_hash
 from ...models.loading import ModelParts
 from ...training.adapters import adapter_state, add_lora, load_adapter_state, load_lora_file, lora_file_bytes
-from ...training.artefacts import autocast_dtype, record_trained
+from ...training.artefacts import autocast_dtype, find_row, record_trained
 from ...training.diffusion import Metrics, denoising_loss, denoising_target, unet_eps
 from ...training.loop import train
 from ...training.subjects import TuningError, training_subjects
 from ..base import Context
 from .attention import CoupledSelfAttnProcessor, coupled
+from .retrain import SetMembers, kept_model, trained_sets
 from .set_latents import CachedSetLatents, encode_sets
 
 JEDI = "jedi"
@@ -60,6 +61,27 @@ def joint_model_id(catalog: Catalog, config: Config, base: str) -> str:
     """The id the joint model would have if trained now on the current joint sets."""
     set_ids = sorted({r["set_id"] for r in current_sets(catalog, config)})
     return stable_hash([joint_params(config, base), set_ids])
+
+
+def current_model_id(catalog: Catalog, config: Config, base: str) -> str:
+    """The joint model to use now: the one for exactly the current sets when it exists, else
+    the newest one `joint.retrain` keeps, else the one to train."""
+    fresh = joint_model_id(catalog, config, base)
+    if find_row(catalog, MODELS, fresh) is not None:
+        return fresh
+    kept = kept_model(catalog, config.joint, JEDI, joint_params(config, base), set_members(catalog, config))
+    return kept["model_id"] if kept else fresh
+
+
+def set_members(catalog: Catalog, config: Config) -> SetMembers:
+    return {r["set_id"]: r["subject_id"] for r in current_sets(catalog, config)}
+
+
+def model_subjects(catalog: Catalog, config: Config, row: dict | None) -> set[str]:
+    """Who a joint model trained on: its recorded sets, else (an older row, or none yet)
+    the current sets'."""
+    members = trained_sets(catalog, row) if row is not None else None
+    return set((members or set_members(catalog, config)).values())
 
 
 def install_joint_model(catalog: Catalog, parts: ModelParts, row: dict) -> list[str]:
@@ -203,8 +225,11 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
         parts.unet.eval()
         if cfg.weights == "unet" and autocast is not None:
             parts.unet.to(autocast)
+    sets = json.dumps({r["set_id"]: r["subject_id"] for r in rows}, sort_keys=True).encode()
+    policy = {"retrain": cfg.retrain, "retrain_fraction": cfg.retrain_fraction, "retrain_days": cfg.retrain_days}
     row = {"model_id": model_id, "method": JEDI, "weights": cfg.weights, "base_model": base,
-           "parent_model_id": None, "params": json.dumps(joint_params(config, base), sort_keys=True),
+           "parent_model_id": None, "sets_file": catalog.put_blob("models", sets, ".json"),
+           "params": json.dumps({**joint_params(config, base), "retrain": policy}, sort_keys=True),
            "inputs_hash": stable_hash(sorted({r["set_id"] for r in rows})), "steps": result.steps,
            "final_loss": result.final_loss}
     return record_trained(catalog, MODELS, "models", row, result.history, file_bytes)
