@@ -17,8 +17,10 @@ from subjectflow.config import Config
 from subjectflow.methods import registry
 from subjectflow.methods.registry import TuneOutcome
 from tasks.tune import (
-    device_task_runner, generate_task, learn_task, negatives_task, stale_subjects_task, tune_task,
+    Staged, device_task_runner, generate_task, learn_task, negatives_task, stale_subjects_task, tune_task,
 )
+
+COMMIT_EVERY = 32  # staged task results per locked write during a long stage
 
 
 @dataclass
@@ -35,21 +37,33 @@ class TuneRun:
         return "\n".join(lines)
 
 
-def wait_all(futures, labels: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+def wait_all(futures, labels: list[str], catalog_root: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Wait for every future: (results, failures) by label. One failure is reported,
     never fatal to the others: the task's own error, or the engine's when it gave the task
-    up (Dask's KilledWorker after workers died under it, whose task run never finished)."""
-    results, failures = {}, {}
+    up (Dask's KilledWorker after workers died under it, whose task run never finished).
+    Rows staged by engine workers are committed here, COMMIT_EVERY tasks to one locked write,
+    so a crash of a long stage loses at most one batch."""
+    results, failures, staged = {}, {}, []
     for label, future in zip(labels, futures):
         try:
-            results[label] = future.result()
+            result = future.result()
         except Exception as exc:  # noqa: BLE001 - each subject's failure is reported, the rest go on
             failures[label] = f"{type(exc).__name__}: {exc}"
+            continue
+        if isinstance(result, Staged):
+            staged.append(result.rows)
+            result = result.value
+        results[label] = result
+        if len(staged) >= COMMIT_EVERY:
+            Catalog.open(catalog_root).commit(staged)
+            staged = []
+    if staged:
+        Catalog.open(catalog_root).commit(staged)
     return results, failures
 
 
-def _collect(futures, subjects: list[str], made: str = TuneRun.made) -> TuneRun:
-    results, failures = wait_all(futures, subjects)
+def _collect(futures, subjects: list[str], root: Path, made: str = TuneRun.made) -> TuneRun:
+    results, failures = wait_all(futures, subjects, root)
     return TuneRun(list(results.values()), failures, made=made)
 
 
@@ -73,11 +87,11 @@ def tune_flow(catalog: str, method: str, subjects: list[str] | None = None, conf
 def _tune(root: Path, method: str, subjects: list[str] | None, config: Config) -> TuneRun:
     if registry.get(method).shared:
         with model_work(config):
-            return _collect([tune_task.submit(root, None, method, config)], [method])
+            return _collect([tune_task.submit(root, None, method, config)], [method], root)
     todo = subjects if subjects else stale_subjects_task(root, method, config)
     with model_work(config):
         futures = tune_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
-    return _collect(futures, todo)
+    return _collect(futures, todo, root)
 
 
 @flow(name="tune-methods", log_prints=True, task_runner=device_task_runner())
@@ -105,7 +119,7 @@ def negatives_flow(catalog: str, method: str, subjects: list[str] | None = None,
     todo = subjects if subjects else sorted(Catalog.open(root).read("subjects").column("subject_id").to_pylist())
     with model_work(config):
         futures = negatives_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
-    return _finish(root, _collect(futures, todo), config)
+    return _finish(root, _collect(futures, todo, root), config)
 
 
 @flow(name="learn-concepts", log_prints=True)
@@ -116,7 +130,7 @@ def learn_concepts_flow(catalog: str, name: str, sources: list[str], config: Con
     limit_devices(config)
     with model_work(config):
         futures = [learn_task.submit(root, name, sources, config)]
-    return _finish(root, _collect(futures, [name], "learned {n} concept set(s)"), config)
+    return _finish(root, _collect(futures, [name], root, "learned {n} concept set(s)"), config)
 
 
 @flow(name="generate", log_prints=True)

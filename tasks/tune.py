@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import queue
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import pyarrow as pa
 import torch
 from prefect import get_run_logger, task
 from prefect.client.orchestration import get_client
@@ -102,10 +104,38 @@ def ensure_gpu_limit_task(slots: int) -> None:
             client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
 
 
+@dataclass
+class Staged:
+    """What a task on an engine worker returns: its result and the table rows it made,
+    which the flow commits (workers write blobs, never tables: one writer per catalog)."""
+
+    value: Any
+    rows: dict[str, pa.Table]
+
+
+def _on_engine_worker() -> bool:
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return False
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
 def method_context(catalog_root: Path, config: Config) -> Context:
     """The catalog, config and base model id, with the model loaded only when work needs it;
-    used as `with`, so a borrowed resident model goes back when the task ends."""
-    return Context.open(Catalog.open(catalog_root), config, say=get_run_logger().info)
+    used as `with`, so a borrowed resident model goes back when the task ends. On an engine
+    worker the catalog is a staging copy (`Catalog.staging`)."""
+    catalog = Catalog.open(catalog_root)
+    return Context.open(catalog.staging() if _on_engine_worker() else catalog, config, say=get_run_logger().info)
+
+
+def handed_back(ctx: Context, value: Any) -> Any:
+    """A task's result, with its staged rows when it ran on an engine worker."""
+    return value if ctx.catalog.staged is None else Staged(value, ctx.catalog.staged)
 
 
 @task(name="plan-tuning")
@@ -123,20 +153,20 @@ def _tune_run_name() -> str:
 def tune_task(catalog_root: Path, subject: str | None, method: str, config: Config) -> TuneOutcome:
     """One subject's artefact for `method` (or the shared one when subject is None)."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return registry.tune(ctx, method, subject)
+        return handed_back(ctx, registry.tune(ctx, method, subject))
 
 
 @task(name="make-negatives", task_run_name="negatives-{method}-{subject}")
 def negatives_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return registry.negatives(ctx, method, subject)
+        return handed_back(ctx, registry.negatives(ctx, method, subject))
 
 
 @task(name="learn-concepts", task_run_name="learn-concepts-{name}")
 def learn_task(catalog_root: Path, name: str, sources: list[str], config: Config) -> TuneOutcome:
     """The named concept set from its sources (reused when already learned)."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return registry.learn(ctx, name, sources)
+        return handed_back(ctx, registry.learn(ctx, name, sources))
 
 
 @task(name="build-jointsets")
@@ -157,4 +187,4 @@ def generate_task(catalog_root: Path, subject: str | None, method: str | None, p
                   references: int | None = None) -> list[dict]:
     """Samples with `method`'s current artefact for the subject; method None: the base model."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return registry.sample(ctx, method, subject, prompt, n, references)
+        return handed_back(ctx, registry.sample(ctx, method, subject, prompt, n, references))

@@ -97,6 +97,8 @@ class Catalog:
     root: Path
     manifest: dict = field(default_factory=dict)
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    # A staging copy's rows by table (see `staging`): kept here, read back, never written.
+    staged: dict[str, pa.Table] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -168,20 +170,25 @@ class Catalog:
         path = self.table_dir(name) / TABLE_FILE
         spec = TABLES[name]
         if not path.exists():
-            return spec.schema.empty_table()
-        table = pq.read_table(path)
+            table = spec.schema.empty_table()
+        else:
+            table = pq.read_table(path)
         found = int((table.schema.metadata or {}).get(VERSION_KEY, b"0"))
         if 0 < found < spec.version:
-            return _upgrade(table, found, spec, path)
-        if found != spec.version:
+            table = _upgrade(table, found, spec, path)
+        elif found != spec.version:
             raise CatalogError(
                 f"table {name!r} at {path} has schema version {found}, this subjectflow "
                 f"reads version {spec.version}; use the subjectflow release that wrote it"
             )
+        if self.staged and name in self.staged:
+            return _with_rows(table, self.staged[name], spec)
         return table
 
     def write(self, name: str, table: pa.Table) -> None:
         """Replace a table atomically. Callers that read-modify-write hold `writer()`."""
+        if self.staged is not None:
+            raise CatalogError(f"table {name!r}: a staging catalog adds rows, it never replaces a table")
         dest = self.table_dir(name) / TABLE_FILE
         spec: TableSpec = TABLES[name]
         try:
@@ -197,15 +204,36 @@ class Catalog:
             return
         spec = TABLES[name]
         rows = rows.select(spec.schema.names).cast(spec.schema)
-        existing = self.read(name)
-        if existing.num_rows:
-            keep = pc.invert(pc.is_in(_row_keys(existing, spec), value_set=_row_keys(rows, spec)))
-            existing = existing.filter(keep)
-        self.write(name, pa.concat_tables([existing, rows]))
+        if self.staged is not None:
+            self.staged[name] = _with_rows(self.staged.get(name, spec.schema.empty_table()), rows, spec)
+            return
+        self.write(name, _with_rows(self.read(name), rows, spec))
+
+    # -- one writer ----------------------------------------------------------------
+
+    def staging(self) -> "Catalog":
+        """This catalog for a worker: blobs are written, table rows are kept in `staged`
+        (and read back) for the flow to `commit`, so only the flow ever takes the lock."""
+        return Catalog(self.root, self.manifest, self.lock_timeout_s, staged={})
+
+    def commit(self, batches: list[dict[str, pa.Table]]) -> None:
+        """Staged rows from workers, every table in one locked write."""
+        merged: dict[str, pa.Table] = {}
+        for batch in batches:
+            for name, rows in batch.items():
+                spec = TABLES[name]
+                merged[name] = _with_rows(merged.get(name, spec.schema.empty_table()), rows.cast(spec.schema), spec)
+        with self.writer():
+            for name, rows in sorted(merged.items()):
+                self.upsert(name, rows)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator["Catalog"]:
-        """Hold the catalog's write lock (re-entrant within one process)."""
+        """Hold the catalog's write lock (re-entrant within one process); a staging
+        catalog writes nothing, so it takes none."""
+        if self.staged is not None:
+            yield self
+            return
         lock = self._lock()
         try:
             lock.acquire(timeout=self.lock_timeout_s)
@@ -256,6 +284,14 @@ def _upgrade(table: pa.Table, found: int, spec: TableSpec, path: Path) -> pa.Tab
         raise CatalogError(f"table {spec.name!r} at {path} has schema version {found} and cannot be read "
                            f"as version {spec.version}: {exc}") from exc
     return table.replace_schema_metadata(spec.schema.metadata)
+
+
+def _with_rows(existing: pa.Table, rows: pa.Table, spec: TableSpec) -> pa.Table:
+    """`existing` with `rows` added, replacing rows of the same key (last one wins)."""
+    if existing.num_rows:
+        keep = pc.invert(pc.is_in(_row_keys(existing, spec), value_set=_row_keys(rows, spec)))
+        existing = existing.filter(keep)
+    return pa.concat_tables([existing, rows])
 
 
 def _row_keys(table: pa.Table, spec: TableSpec) -> pa.Array:

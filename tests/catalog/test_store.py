@@ -174,3 +174,24 @@ def test_a_table_from_an_older_schema_version_reads_with_its_new_columns_as_null
     table = catalog.read("samples")
     assert table.schema.equals(SAMPLES.schema) and table.to_pylist()[0]["model_id"] is None
     assert table.to_pylist()[0]["sample_id"] == "s1"
+
+
+def test_a_staging_catalog_reads_back_its_rows_writes_no_table_and_the_flow_commits_them_once(catalog, monkeypatch):
+    catalog.upsert("source_files", ledger_rows(2))
+    before = (catalog.table_dir("source_files") / "data.parquet").read_bytes()
+    worker, other = catalog.staging(), catalog.staging()
+    monkeypatch.setattr(Catalog, "_lock", lambda self: pytest.fail("a staging catalog took the write lock"))
+    with worker.writer():
+        worker.upsert("source_files", ledger_rows(2, start=1, outcome="quarantined"))  # one replaces a row
+    other.upsert("source_files", ledger_rows(1, start=2, outcome="quarantined"))  # the same row, twice staged
+    assert sorted(worker.read("source_files").column("outcome").to_pylist()) == ["ingested", "quarantined",
+                                                                                  "quarantined"]
+    assert (catalog.table_dir("source_files") / "data.parquet").read_bytes() == before
+    with pytest.raises(CatalogError, match="never replaces a table"):
+        worker.write("source_files", ledger_rows(1))
+
+    monkeypatch.undo()
+    catalog.commit([worker.staged, other.staged])
+    rows = catalog.read("source_files").to_pylist()
+    assert sorted((r["source_uri"], r["outcome"]) for r in rows) == [
+        ("/src/0.jpg", "ingested"), ("/src/1.jpg", "quarantined"), ("/src/2.jpg", "quarantined")]

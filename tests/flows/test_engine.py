@@ -34,12 +34,33 @@ def _adapters(catalog) -> dict[str, tuple[str, str]]:
             for row in catalog.read("adapters").to_pylist()}
 
 
+def _record_catalog_locks() -> None:
+    """In a worker: note every catalog write lock taken from now on."""
+    import subjectflow.catalog.store as store
+
+    class Recording(store.FileLock):
+        def acquire(self, *args, **kwargs):
+            store.locks_taken.append(str(self.lock_file))
+            return super().acquire(*args, **kwargs)
+
+    store.locks_taken, store.FileLock = [], Recording
+
+
+def _catalog_locks_taken() -> list[str]:
+    import subjectflow.catalog.store as store
+
+    return store.locks_taken
+
+
 def test_tuning_on_the_cluster_makes_the_local_engines_adapters_one_model_task_per_gpu(tmp_path, cluster):
     on_dask = ingested_catalog(tmp_path / "dask", subjects=SUBJECTS, per_subject=2)
     config = tiny_config(execution={"engine": "dask", "address": cluster.scheduler_address})
     with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
+        client.run(_record_catalog_locks)
         with engine(config) as placed:
             run = on_engine(tune_flow, placed)(str(on_dask.root), "sft", None, placed)
+        # the workers staged their rows and the flow wrote them: no worker took the lock
+        assert client.run(_catalog_locks_taken) == {worker: [] for worker in client.scheduler_info()["workers"]}
     assert not run.failures and sorted(o.subject for o in run.outcomes) == sorted(SUBJECTS)
 
     local = ingested_catalog(tmp_path / "local", subjects=SUBJECTS, per_subject=2)
