@@ -14,6 +14,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.engine import MODEL_RESOURCE, engine, on_engine
+from flows.evaluate import evaluate_flow
 from flows.tune import tune_flow
 from subjectflow.config import ConfigError
 from tests.flows.test_busy_machine import _command
@@ -52,20 +53,29 @@ def _catalog_locks_taken() -> list[str]:
     return store.locks_taken
 
 
-def test_tuning_on_the_cluster_makes_the_local_engines_adapters_one_model_task_per_gpu(tmp_path, cluster):
+def _scores(catalog) -> dict[tuple[str, str], float]:
+    return {(row["subject_id"], row["metric"]): row["value"] for row in catalog.read("metrics").to_pylist()}
+
+
+def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_model_task_per_gpu(tmp_path, cluster):
+    quick = {"evaluate": {"methods": ["sft"], "prompts": 1, "images_per_prompt": 1}}
     on_dask = ingested_catalog(tmp_path / "dask", subjects=SUBJECTS, per_subject=2)
-    config = tiny_config(execution={"engine": "dask", "address": cluster.scheduler_address})
+    config = tiny_config(**quick, execution={"engine": "dask", "address": cluster.scheduler_address})
     with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
         client.run(_record_catalog_locks)
         with engine(config) as placed:
             run = on_engine(tune_flow, placed)(str(on_dask.root), "sft", None, placed)
+            scored = on_engine(evaluate_flow, placed)(str(on_dask.root), None, None, placed)
         # the workers staged their rows and the flow wrote them: no worker took the lock
         assert client.run(_catalog_locks_taken) == {worker: [] for worker in client.scheduler_info()["workers"]}
     assert not run.failures and sorted(o.subject for o in run.outcomes) == sorted(SUBJECTS)
+    assert not scored.failures and len(scored.scored) == len(SUBJECTS)
 
     local = ingested_catalog(tmp_path / "local", subjects=SUBJECTS, per_subject=2)
-    assert not tune_flow(str(local.root), "sft", None, tiny_config()).failures
+    assert not tune_flow(str(local.root), "sft", None, tiny_config(**quick)).failures
+    assert not evaluate_flow(str(local.root), None, None, tiny_config(**quick)).failures
     assert _adapters(on_dask) == _adapters(local) and len(_adapters(local)) == len(SUBJECTS)
+    assert _scores(on_dask) == _scores(local) and len(_scores(local)) >= len(SUBJECTS)
 
     # Each worker has 2 threads but one GPU: its model tasks never overlapped, and both worked.
     # (A worker stamps a task's stop after it has already freed the resource: ~10 ms here.)
