@@ -44,6 +44,8 @@ bench: setup
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/refine.py
 	$(BIN)/python bench/refresh.py --sizes 10 100
+	$(BIN)/python -m bench.scaleout
+	$(BIN)/python -m bench.versioning --sizes 100 1000
 
 clean-demo:
 	rm -rf .demo

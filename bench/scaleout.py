@@ -10,7 +10,7 @@ process so that workers do not fight over the cores:
   model loads      base-model loads in one full `catalog-refresh`, resident models off
                    (the behaviour before models/resident.py) and on.
 
-Run: .venv/bin/python bench/scaleout.py [--subjects 8] [--steps 20]
+Run: .venv/bin/python -m bench.scaleout [--subjects 6] [--steps 20]  (from the repository root)
 Writes OUT/results.json.
 """
 
@@ -122,7 +122,7 @@ def model_loads(work: Path, config: Config, subjects: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "scaleout")
     args = parser.parse_args(argv)
