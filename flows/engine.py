@@ -1,12 +1,13 @@
 """Where a command's tasks run (`execution.engine`): the flow's own threads, or a Dask cluster.
 
 Flows stay as they are; a command (or the refresh, for its deployment) enters
-`engine(config)` once and runs its flows `on_engine`. Under Dask the engine places the work: a model task asks for one "GPU"
-resource (`model_work`), so a worker started with `--resources GPU=1` (one per GPU, each
-with its own CUDA_VISIBLE_DEVICES) runs one at a time, and CPU tasks go to any worker.
-Attaching to a long-lived cluster costs about a second per flow; starting one costs ~7 s
-more, which is why `execution.address` empty (a local cluster per command) is for trying
-the engine out.
+`engine(config)` once and runs its flows `on_engine`. Under Dask the engine places the
+work: a model task asks for one "GPU" resource (`model_work`), so a worker started with
+`--resources GPU=1` (one per GPU, each with its own CUDA_VISIBLE_DEVICES) runs one at a
+time. Tuning and evaluation run there; ingest, joint sets and the dashboard still run in
+the flow's process. Attaching a flow to a running cluster costs no more
+than the local engine; starting one costs ~9 s (bench/scaleout.py), which is why
+`execution.address` empty (a local cluster per command) is for trying the engine out.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def engine(config: Config) -> Iterator[Config]:
         yield config
         return
     try:
+        import prefect_dask  # noqa: F401 - what task_runner needs, checked before any work
         from distributed import LocalCluster
     except ImportError:
         raise ConfigError("execution.engine dask needs Dask: pip install 'subjectflow[dask]'") from None
