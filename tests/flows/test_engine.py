@@ -15,7 +15,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.engine import MODEL_RESOURCE, engine, on_engine
 from flows.evaluate import evaluate_flow
-from flows.tune import tune_flow
+from flows.tune import tune_flow, wait_all
 from subjectflow.config import ConfigError
 from tests.flows.test_busy_machine import _command
 from tests.training.conftest import ingested_catalog, tiny_config
@@ -149,3 +149,26 @@ def test_a_command_without_a_server_runs_a_local_cluster_on_its_own_server_and_l
     while _servers_and_workers() - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _servers_and_workers() - before
+
+
+class _GivenUp:
+    """What a Dask task's future raises once Dask stops re-running it after worker deaths."""
+
+    def result(self):
+        from types import SimpleNamespace
+
+        from distributed import KilledWorker
+
+        raise KilledWorker("tune-sft-red_mug", SimpleNamespace(address="tcp://127.0.0.1:40000"), 3)
+
+
+class _Finished:
+    def result(self):
+        return "adapter"
+
+
+def test_a_subject_the_engine_gave_up_on_is_reported_failed_and_the_others_kept(tmp_path):
+    catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=1)
+    results, failures = wait_all([_GivenUp(), _Finished()], ["red_mug", "blue_box"], catalog.root)
+    assert results == {"blue_box": "adapter"}
+    assert failures["red_mug"].startswith("KilledWorker: ") and "tune-sft-red_mug" in failures["red_mug"]
