@@ -421,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="override ingest.source from params.yaml")
     p.add_argument("--dashboard", metavar="DIR", help="where to write the dashboard (default: dashboard/ beside the catalog)")
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
+    _add_set(p)
 
     p = command("evaluate", cmd_evaluate, "score subjects' current models: DINO, CLIP-I, CLIP-T, masked and "
                 "diversity metrics into the metrics table")

@@ -172,3 +172,11 @@ def test_a_subject_the_engine_gave_up_on_is_reported_failed_and_the_others_kept(
     results, failures = wait_all([_GivenUp(), _Finished()], ["red_mug", "blue_box"], catalog.root)
     assert results == {"blue_box": "adapter"}
     assert failures["red_mug"].startswith("KilledWorker: ") and "tune-sft-red_mug" in failures["red_mug"]
+
+
+def test_the_refresh_command_takes_the_engine_settings():
+    from flows.cli import _overrides, build_parser
+
+    args = build_parser().parse_args(["refresh", "--set", "execution.engine=dask",
+                                      "--set", "execution.address=tcp://head:8786"])
+    assert _overrides(args)["execution"] == {"engine": "dask", "address": "tcp://head:8786"}
