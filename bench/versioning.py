@@ -54,7 +54,7 @@ def measure(size: int, out: Path) -> dict:
     one_photo = time.perf_counter() - start
     if version is None:
         raise SystemExit("the new photo's version recorded nothing")
-    files = sum(len(files) for _, _, files in os.walk(catalog.root / "blobs"))
+    files = sum(not name.startswith(".") for _, _, names in os.walk(catalog.root / "blobs") for name in names)
     print(f"{size:>9} {files:>9} {first:>14.1f} {one_photo:>14.2f}", flush=True)
     return {"subjects": size, "blob_files": files, "first_version_s": first, "one_photo_s": one_photo}
 
