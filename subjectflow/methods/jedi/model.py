@@ -57,31 +57,31 @@ def joint_params(config: Config, base: str) -> dict:
     return {"method": JEDI, "base": base, "joint": joint, "train": config.train.identity()}
 
 
-def joint_model_id(catalog: Catalog, config: Config, base: str) -> str:
-    """The id the joint model would have if trained now on the current joint sets."""
-    set_ids = sorted({r["set_id"] for r in current_sets(catalog, config)})
-    return stable_hash([joint_params(config, base), set_ids])
+def joint_model_id(config: Config, base: str, rows: list[dict]) -> str:
+    """The id the joint model has when trained on the joint sets `rows` (`current_sets`)."""
+    return stable_hash([joint_params(config, base), sorted({r["set_id"] for r in rows})])
 
 
 def current_model_id(catalog: Catalog, config: Config, base: str) -> str:
     """The joint model to use now: the one for exactly the current sets when it exists, else
     the newest one `joint.retrain` keeps, else the one to train."""
-    fresh = joint_model_id(catalog, config, base)
+    rows = current_sets(catalog, config)
+    fresh = joint_model_id(config, base, rows)
     if find_row(catalog, MODELS, fresh) is not None:
         return fresh
-    kept = kept_model(catalog, config.joint, JEDI, joint_params(config, base), set_members(catalog, config))
+    kept = kept_model(catalog, config.joint, JEDI, joint_params(config, base), set_members(rows))
     return kept["model_id"] if kept else fresh
 
 
-def set_members(catalog: Catalog, config: Config) -> SetMembers:
-    return {r["set_id"]: r["subject_id"] for r in current_sets(catalog, config)}
+def set_members(rows: list[dict]) -> SetMembers:
+    return {r["set_id"]: r["subject_id"] for r in rows}
 
 
 def model_subjects(catalog: Catalog, config: Config, row: dict | None) -> set[str]:
     """Who a joint model trained on: its recorded sets, else (an older row, or none yet)
     the current sets'."""
     members = trained_sets(catalog, row) if row is not None else None
-    return set((members or set_members(catalog, config)).values())
+    return set((members or set_members(current_sets(catalog, config))).values())
 
 
 def install_joint_model(catalog: Catalog, parts: ModelParts, row: dict) -> list[str]:
@@ -195,7 +195,7 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
     """Train (or resume) the joint model on the current joint sets and register it."""
     catalog, config, parts, base = ctx.catalog, ctx.config, ctx.parts, ctx.base
     rows = current_sets(catalog, config)
-    model_id = joint_model_id(catalog, config, base)
+    model_id = joint_model_id(config, base, rows)
     cfg = config.joint
     encoded = encode_sets(catalog, parts, rows, config.train.resolution, base)
     if config.train.gradient_checkpointing:
@@ -225,7 +225,7 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
         parts.unet.eval()
         if cfg.weights == "unet" and autocast is not None:
             parts.unet.to(autocast)
-    sets = json.dumps({r["set_id"]: r["subject_id"] for r in rows}, sort_keys=True).encode()
+    sets = json.dumps(set_members(rows), sort_keys=True).encode()
     policy = {"retrain": cfg.retrain, "retrain_fraction": cfg.retrain_fraction, "retrain_days": cfg.retrain_days}
     row = {"model_id": model_id, "method": JEDI, "weights": cfg.weights, "base_model": base,
            "parent_model_id": None, "sets_file": catalog.put_blob("models", sets, ".json"),
