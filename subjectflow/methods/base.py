@@ -53,10 +53,11 @@ class Context:
         """The context for work on `catalog`: "auto" resolutions resolved for its base model,
         which comes from this process's resident models unless `execution.resident_models` is off."""
         config = at_model_resolution(catalog, config)
+        base = base_model_id(catalog, config)
         if not config.execution.resident_models:
-            return cls(catalog, config, base_model_id(catalog, config), lambda: open_model(catalog, config)[0], say)
+            return cls(catalog, config, base, lambda: open_model(catalog, config)[0], say)
         model = config.model
-        return cls(catalog, config, base_model_id(catalog, config),
+        return cls(catalog, config, base,
                    lambda: RESIDENT.checkout(model.base, catalog.root / MODELS_DIR, model.device, model.precision),
                    say, give_back=RESIDENT.checkin)
 

@@ -2,8 +2,8 @@
 
 A nightly refresh tunes and evaluates subject after subject on the same base model; loading
 it for every task (SD 1.5: seconds of disk reads and `from_pretrained` each) made a
-6-subject refresh load it 31 times (bench/scaleout.py), 1 with this cache. A task borrows the parts and gives them
-back; methods undo what they add (`trained_adapter`, `cross_attention`, `coupled` and
+6-subject refresh load it 31 times (bench/scaleout.py), 1 with this cache. A task borrows
+the parts and gives them back; methods undo what they add (`trained_adapter`, `cross_attention`, `coupled` and
 `added_tokens` restore the UNet and text encoder on exit), and the return checks that, since
 a leftover would leak one subject's weights into the next: leftover LoRA adapters are
 deleted, processors and embeddings put back, and a base whose weights changed (a method that
