@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -18,7 +17,7 @@ from flows.evaluate import evaluate_flow
 from flows.tune import tune_flow, wait_all
 from subjectflow.config import ConfigError
 from tests.flows.test_busy_machine import _command
-from tests.training.conftest import ingested_catalog, tiny_config
+from tests.training.conftest import adapter_files, ingested_catalog, tiny_config
 
 SUBJECTS = ("red_mug", "blue_box", "vase", "teapot")
 
@@ -28,11 +27,6 @@ def cluster():
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, resources={MODEL_RESOURCE: 1},
                       dashboard_address=None) as running:
         yield running
-
-
-def _adapters(catalog) -> dict[str, tuple[str, str]]:
-    return {row["subject_id"]: (row["adapter_id"], hashlib.sha256(catalog.blob_path(row["file"]).read_bytes()).hexdigest())
-            for row in catalog.read("adapters").to_pylist()}
 
 
 def _record_catalog_locks() -> None:
@@ -74,7 +68,7 @@ def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_
     local = ingested_catalog(tmp_path / "local", subjects=SUBJECTS, per_subject=2)
     assert not tune_flow(str(local.root), "sft", None, tiny_config(**quick)).failures
     assert not evaluate_flow(str(local.root), None, None, tiny_config(**quick)).failures
-    assert _adapters(on_dask) == _adapters(local) and len(_adapters(local)) == len(SUBJECTS)
+    assert adapter_files(on_dask) == adapter_files(local) and len(adapter_files(local)) == len(SUBJECTS)
     assert _scores(on_dask) == _scores(local) and len(_scores(local)) >= len(SUBJECTS)
 
     # Each worker has 2 threads but one GPU: its model tasks never overlapped, and both worked.
@@ -113,7 +107,7 @@ def test_a_worker_killed_mid_training_costs_only_that_task_a_retry_elsewhere(tmp
 
     uninterrupted = ingested_catalog(tmp_path / "local", per_subject=2)
     assert not tune_flow(str(uninterrupted.root), "sft", None, tiny_config(**settings)).failures
-    assert _adapters(on_dask) == _adapters(uninterrupted)
+    assert adapter_files(on_dask) == adapter_files(uninterrupted)
 
 
 def test_a_remote_cluster_without_a_prefect_server_fails_fast_with_what_to_run():

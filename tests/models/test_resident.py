@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from flows.tune import tune_flow
 from subjectflow.models import TINY_SD, ensure_tiny_sd
 from subjectflow.models.resident import RESIDENT, ResidentModels
 from subjectflow.training.adapters import add_lora
-from tests.training.conftest import ingested_catalog, tiny_config
+from tests.training.conftest import adapter_files, ingested_catalog, tiny_config
 
 
 @pytest.fixture
@@ -80,11 +79,6 @@ def test_a_task_that_changed_the_base_weights_makes_the_next_one_load_it_fresh(m
     assert torch.equal(_denoise(fresh), before)
 
 
-def _adapter_bytes(catalog) -> dict[str, str]:
-    return {row["subject_id"]: hashlib.sha256(catalog.blob_path(row["file"]).read_bytes()).hexdigest()
-            for row in catalog.read("adapters").to_pylist()}
-
-
 def test_subjects_tuned_on_one_resident_model_get_the_adapters_a_fresh_load_gives(tmp_path):
     resident = ingested_catalog(tmp_path / "resident")
     loads = RESIDENT.loads
@@ -94,4 +88,4 @@ def test_subjects_tuned_on_one_resident_model_get_the_adapters_a_fresh_load_give
     reloaded = ingested_catalog(tmp_path / "reloaded")
     run = tune_flow(str(reloaded.root), "sft", None, tiny_config(execution={"resident_models": False}))
     assert not run.failures
-    assert _adapter_bytes(resident) == _adapter_bytes(reloaded) and len(_adapter_bytes(resident)) == 2
+    assert adapter_files(resident) == adapter_files(reloaded) and len(adapter_files(resident)) == 2

@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 
 from subjectflow.catalog import init_catalog
@@ -39,3 +41,12 @@ def context(catalog, config, say=print):
     ctx = Context.open(catalog, config, say)
     ctx.parts  # noqa: B018 - loaded here, on purpose
     return ctx
+
+
+def adapter_files(catalog) -> dict[str, tuple[str, str]]:
+    """Each subject's adapter id and the sha256 of its weights file: what two runs that
+    should train the same thing are compared by."""
+    def digest(row: dict) -> str:
+        return hashlib.sha256(catalog.blob_path(row["file"]).read_bytes()).hexdigest()
+
+    return {row["subject_id"]: (row["adapter_id"], digest(row)) for row in catalog.read("adapters").to_pylist()}
