@@ -1,9 +1,9 @@
 """Catalog versions: DVC tracks the data, git records each version, the remote gets a push.
 
-A version is a git commit of the catalog's `dvc.lock` (written by `dvc commit` for the
-stages a run changed). git and DVC are driven through their command lines, not imported,
-so this module stays usable without DVC's Python API and runs them exactly as a user would.
-All of it runs under the catalog's write lock: DVC operations never overlap.
+A version is a git commit of the catalog's `dvc.lock`, written as `dvc commit --force`
+writes it (shards.py: through DVC's Python API, so that only blob shards that changed
+are re-hashed). Everything else runs git's and DVC's command lines exactly as a user
+would. All of it runs under the catalog's write lock: DVC operations never overlap.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 
 from ..config import Config
 from .layout import STAGES, WORK_DIR, render_dvc_stages
+from .shards import commit_stages
 from .store import Catalog, CatalogError
 
 VERSION_SUBJECT = re.compile(r"^subjectflow catalog v(\d+): ")
@@ -162,7 +163,7 @@ def version_catalog(catalog: Catalog, summary: str) -> CatalogVersion | None:
     stage_dir = catalog.stage_file.parent
     with catalog.writer():
         catalog.ensure_layout()
-        _dvc(["commit", "--force", "--quiet", *_targets(catalog)], stage_dir, "dvc commit")
+        commit_stages(catalog)
         number = max((v.number for v in list_versions(catalog)), default=0) + 1
         changed = [stage_dir / "dvc.lock", catalog.root / "catalog.json"]
         changed += [catalog.root / d / ".gitignore" for d in (".", "tables", "blobs")]

@@ -54,3 +54,40 @@ def test_inside_a_project_the_projects_dvc_yaml_is_used_and_user_changes_stay_un
     committed = git(project, "show", "--name-only", "--format=", "HEAD").split()
     assert "dvc.lock" in committed and "work.py" not in committed
     assert "A  work.py" in git(project, "status", "--porcelain")
+
+
+def _dvc_lock(catalog) -> str:
+    return (catalog.stage_file.parent / "dvc.lock").read_text()
+
+
+def test_a_version_rehashes_only_the_blob_shards_that_moved_and_writes_the_lock_dvc_would(catalog, monkeypatch):
+    from dvc.output import Output
+
+    from subjectflow.catalog.layout import BLOBS_DIR
+    from subjectflow.catalog.store import BLOB_KINDS
+
+    for i in range(40):
+        catalog.put_blob("photos" if i % 2 else "samples", f"blob {i}".encode(), ".bin")
+    version_catalog(catalog, "first")  # nothing recorded yet: every output saved whole
+    saved_whole = []
+    save = Output.save
+    monkeypatch.setattr(Output, "save", lambda self: (saved_whole.append(self.fs_path), save(self))[1])
+
+    catalog.put_blob("photos", b"one new photo", ".bin")
+    gone = sorted((catalog.root / BLOBS_DIR / "samples").rglob("*.bin"))[0]
+    gone.unlink()  # a shard losing a file moves too
+    for leftover in gone.parent.iterdir():
+        leftover.unlink()
+    gone.parent.rmdir()  # and one that is gone altogether
+    assert version_catalog(catalog, "one new photo, one shard less").number == 2
+    blob_dirs = {str(catalog.root / BLOBS_DIR / kind) for kind in BLOB_KINDS}
+    assert saved_whole and not blob_dirs & set(saved_whole)  # tables still saved, no blob kind walked
+
+    incremental = _dvc_lock(catalog)
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=catalog.stage_file.parent,
+                   check=True, capture_output=True)
+    assert _dvc_lock(catalog) == incremental  # DVC's own whole commit agrees, hash for hash
+    lock = yaml.safe_load(incremental)
+    photos = next(o for o in lock["stages"]["ingest"]["outs"] if o["path"] == "blobs/photos")
+    assert photos["nfiles"] == 21 and photos["size"] == sum(
+        p.stat().st_size for p in (catalog.root / BLOBS_DIR / "photos").rglob("*.bin"))
