@@ -1,12 +1,13 @@
-"""Scale-out: the tuning stage on a Dask cluster, engine overhead, and model loads per refresh.
+"""Scale-out: the tuning stage on Dask and Ray, engine overhead, and model loads per refresh.
 
 Tiny model, CPU, synthetic subjects of 3 photos (bench/refresh.py's), one torch thread per
 process so that workers do not fight over the cores:
   engine overhead  a tune flow that finds nothing stale (planning only): the local engine,
-                   Dask attached to a running cluster, and Dask starting its own.
+                   then each engine attached to a running cluster and starting its own.
   tuning           subjects/s of `tune --method sft` on SUBJECTS stale subjects: the local
-                   engine (one device slot), Dask with 1 worker and with 2 (one GPU resource
-                   each); ratios against the local engine, run side by side.
+                   engine (one device slot), then each engine with 1 GPU and with 2 (a Dask
+                   worker per GPU resource, a Ray head with that many num_gpus); ratios
+                   against the local engine, run side by side.
   model loads      base-model loads in one full `catalog-refresh`, resident models off
                    (the behaviour before models/resident.py) and on.
 
@@ -26,6 +27,8 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -50,16 +53,29 @@ def fresh_catalog(work: Path, subjects: int, config: Config) -> str:
     return root
 
 
-def dask_config(config: Config, address: str = "") -> Config:
+ENGINES = ("dask", "ray")
+
+
+def on(config: Config, name: str, address: str = "") -> Config:
     return config.model_copy(update={"execution": config.execution.model_copy(
-        update={"engine": "dask", "address": address})})
+        update={"engine": name, "address": address})})
 
 
 @contextlib.contextmanager
-def cluster(workers: int):
-    with LocalCluster(n_workers=workers, threads_per_worker=2, processes=True, resources={MODEL_RESOURCE: 1},
-                      dashboard_address=None) as running:
-        yield running.scheduler_address
+def cluster(name: str, gpus: int):
+    """A running cluster with `gpus` fake GPUs, as a team would keep one up."""
+    if name == "dask":
+        with LocalCluster(n_workers=gpus, threads_per_worker=2, processes=True, resources={MODEL_RESOURCE: 1},
+                          dashboard_address=None) as running:
+            yield running.scheduler_address
+        return
+    ray = [str(Path(sys.executable).parent / "ray")]
+    subprocess.run([*ray, "start", "--head", f"--num-gpus={gpus}", f"--num-cpus={2 * gpus}",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        yield "auto"  # the running local cluster, with the auth token `ray start` made
+    finally:
+        subprocess.run([*ray, "stop", "--force"], check=True, capture_output=True)
 
 
 def timed_tune(root: str, config: Config) -> tuple[float, int]:
@@ -74,22 +90,24 @@ def timed_tune(root: str, config: Config) -> tuple[float, int]:
 def overhead(work: Path, config: Config) -> dict:
     root = fresh_catalog(work / "overhead", 2, config)
     timed_tune(root, config)  # everything current from here on
-    with cluster(2) as address:
-        attached = timed_tune(root, dask_config(config, address))[0]
-    return {"local_s": timed_tune(root, config)[0], "dask_attached_s": attached,
-            "dask_own_cluster_s": timed_tune(root, dask_config(config))[0]}
+    seconds = {"local": timed_tune(root, config)[0]}
+    for name in ENGINES:
+        with cluster(name, 2) as address:
+            seconds[f"{name} attached"] = timed_tune(root, on(config, name, address))[0]
+        seconds[f"{name} own cluster"] = timed_tune(root, on(config, name))[0]
+    return seconds
 
 
 def tuning(work: Path, config: Config, subjects: int) -> dict:
-    rates = {}
-    for label, workers in (("local", 0), ("dask 1 worker", 1), ("dask 2 workers", 2)):
-        root = fresh_catalog(work / f"tune-{workers}", subjects, config)
-        if workers:
-            with cluster(workers) as address:
-                seconds, n = timed_tune(root, dask_config(config, address))
-        else:
-            seconds, n = timed_tune(root, config)
-        rates[label] = n / seconds
+    root = fresh_catalog(work / "tune-local", subjects, config)
+    seconds, n = timed_tune(root, config)
+    rates = {"local": n / seconds}
+    for name in ENGINES:
+        for gpus in (1, 2):
+            root = fresh_catalog(work / f"tune-{name}-{gpus}", subjects, config)
+            with cluster(name, gpus) as address:
+                seconds, n = timed_tune(root, on(config, name, address))
+            rates[f"{name} {gpus} GPU{'s' if gpus > 1 else ''}"] = n / seconds
     return rates
 
 
@@ -131,15 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     with prefect_api():  # one Prefect server for this process and every worker
         results = {"overhead": overhead(args.out, config), "tuning": tuning(args.out, config, args.subjects),
                    "model_loads": model_loads(args.out, config, min(args.subjects, 6))}
-    o = results["overhead"]
-    print("engine overhead (a tune flow with nothing stale, wall s)")
-    print(f"  local {o['local_s']:.1f}   dask attached {o['dask_attached_s']:.1f} "
-          f"({o['dask_attached_s'] / o['local_s']:.2f}x)   dask own cluster {o['dask_own_cluster_s']:.1f} "
-          f"({o['dask_own_cluster_s'] / o['local_s']:.2f}x)")
+    print("engine overhead (a tune flow with nothing stale, wall s, x local)")
+    local = results["overhead"]["local"]
+    for label, seconds in results["overhead"].items():
+        print(f"  {label:<18} {seconds:6.1f}  {seconds / local:5.2f}x")
     print(f"tuning {args.subjects} subjects, sft {args.steps} steps (subjects/s, x local)")
     local = results["tuning"]["local"]
     for label, rate in results["tuning"].items():
-        print(f"  {label:<16} {rate:6.2f}  {rate / local:5.2f}x")
+        print(f"  {label:<18} {rate:6.2f}  {rate / local:5.2f}x")
     loads = results["model_loads"]
     print(f"base-model loads in one catalog-refresh of {min(args.subjects, 6)} subjects: "
           f"resident off {loads['resident off']}, on {loads['resident on']}")

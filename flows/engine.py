@@ -1,18 +1,20 @@
-"""Where a command's tasks run (`execution.engine`): the flow's own threads, or a Dask cluster.
+"""Where a command's tasks run (`execution.engine`): the flow's own threads, a Dask or a Ray cluster.
 
 Flows stay as they are; a command (or the refresh, for its deployment) enters
-`engine(config)` once and runs its flows `on_engine`. Under Dask the engine places the
-work: a model task asks for one "GPU" resource (`model_work`), so a worker started with
-`--resources GPU=1` (one per GPU, each with its own CUDA_VISIBLE_DEVICES) runs one at a
-time. Tuning and evaluation run there; ingest, joint sets and the dashboard still run in
-the flow's process. Attaching a flow to a running cluster costs no more
-than the local engine; starting one costs ~9 s (bench/scaleout.py), which is why
-`execution.address` empty (a local cluster per command) is for trying the engine out.
+`engine(config)` once and runs its flows `on_engine`. Under a cluster the engine places
+the work: a model task asks for one GPU (`model_work`): Dask's "GPU" worker resource (a
+worker started with `--resources GPU=1`, one per GPU, each with its own
+CUDA_VISIBLE_DEVICES) or Ray's `num_gpus`, which sets CUDA_VISIBLE_DEVICES itself.
+Tuning and evaluation run there; ingest, joint sets and the dashboard still run in the
+flow's process. Attaching a flow to a running cluster costs no more than the local
+engine; starting one costs seconds (bench/scaleout.py), which is why `execution.address`
+empty (a local cluster per command) is for trying the engine out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from collections.abc import Iterator
@@ -21,20 +23,28 @@ from typing import Any
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner
 
-from subjectflow.config import Config, ConfigError
+from subjectflow.config import Config, ConfigError, ExecutionConfig
 from tasks.tune import device_slots, device_task_runner, ensure_gpu_limit_task
 
-MODEL_RESOURCE = "GPU"
+MODEL_RESOURCE = "GPU"  # the Dask worker resource a model task takes one of
+EXTRAS = {"dask": ("prefect_dask", "distributed"), "ray": ("prefect_ray", "ray")}
+RAY_OBJECT_STORE_BYTES = 256 * 2**20  # tasks pass ids and small rows; Ray's default takes 30% of RAM
 
 
 def task_runner(config: Config) -> TaskRunner:
-    if config.execution.engine == "local":
+    execution = config.execution
+    if execution.engine == "local":
         return device_task_runner()
-    from prefect_dask import DaskTaskRunner
+    if not execution.address:
+        raise ConfigError(f"execution.engine {execution.engine}: run flows inside `engine(config)`, which sets "
+                          "execution.address")
+    if execution.engine == "dask":
+        from prefect_dask import DaskTaskRunner
 
-    if not config.execution.address:
-        raise ConfigError("execution.engine dask: run flows inside `engine(config)`, which sets execution.address")
-    return DaskTaskRunner(address=config.execution.address)
+        return DaskTaskRunner(address=execution.address)
+    from prefect_ray import RayTaskRunner
+
+    return RayTaskRunner(address=execution.address)  # finds the Ray that `engine` connected to
 
 
 def on_engine(flow: Any, config: Config) -> Any:
@@ -55,38 +65,78 @@ def model_work(config: Config) -> Iterator[None]:
     if config.execution.engine == "local":
         yield  # the tasks' own device slots (tasks/tune.py) place them
         return
-    import dask
+    if config.execution.engine == "dask":
+        import dask
 
-    with dask.annotate(resources={MODEL_RESOURCE: 1}):
+        with dask.annotate(resources={MODEL_RESOURCE: 1}):
+            yield
+        return
+    from prefect_ray.context import remote_options
+
+    # Ray retires a GPU task's process after one call unless told otherwise: max_calls=0
+    # keeps the worker, and with it the resident base model (models/resident.py).
+    with remote_options(num_gpus=1, max_calls=0):
         yield
 
 
 @contextlib.contextmanager
 def engine(config: Config) -> Iterator[Config]:
-    """The engine for one command; yields `config` pointing at it. With Dask and no
-    address, a local cluster of `execution.workers` processes lives for the block."""
+    """The engine for one command; yields `config` pointing at it. With no address, a
+    local cluster of `execution.workers` workers (Dask processes, or Ray GPU slots) lives
+    for the block."""
     execution = config.execution
     if execution.engine == "local":
         yield config
         return
     try:
-        import prefect_dask  # noqa: F401 - what task_runner needs, checked before any work
-        from distributed import LocalCluster
+        for module in EXTRAS[execution.engine]:  # what task_runner needs, checked before any work
+            importlib.import_module(module)
     except ImportError:
-        raise ConfigError("execution.engine dask needs Dask: pip install 'subjectflow[dask]'") from None
+        raise ConfigError(f"execution.engine {execution.engine} needs {execution.engine.capitalize()}: "
+                          f"pip install 'subjectflow[{execution.engine}]'") from None
+    if execution.address and not PREFECT_API_URL.value():
+        raise ConfigError(
+            f"execution.address {execution.address}: a cluster's workers report to a Prefect server, and none is "
+            f"set; run `prefect server start` and set PREFECT_API_URL=http://<that host>:4200/api")
+    cluster = _dask_cluster if execution.engine == "dask" else _ray_cluster
+    with cluster(execution) as address:
+        yield config.model_copy(update={"execution": execution.model_copy(update={"address": address})})
+
+
+@contextlib.contextmanager
+def _dask_cluster(execution: ExecutionConfig) -> Iterator[str]:
     if execution.address:
-        if not PREFECT_API_URL.value():
-            raise ConfigError(
-                f"execution.address {execution.address}: a cluster's workers report to a Prefect server, and none is "
-                f"set; run `prefect server start` and set PREFECT_API_URL=http://<that host>:4200/api")
-        yield config
+        yield execution.address
         return
+    from distributed import LocalCluster
+
     # Prefect's console handler would show the scheduler's and nannies' INFO chatter.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with prefect_api(), LocalCluster(
             n_workers=execution.workers, threads_per_worker=execution.worker_gpus + 1, processes=True,
             resources={MODEL_RESOURCE: execution.worker_gpus}, dashboard_address=None) as cluster:
-        yield config.model_copy(update={"execution": execution.model_copy(update={"address": cluster.scheduler_address})})
+        yield cluster.scheduler_address
+
+
+@contextlib.contextmanager
+def _ray_cluster(execution: ExecutionConfig) -> Iterator[str]:
+    import ray
+
+    if execution.address:
+        ray.init(address=execution.address, logging_level=logging.WARNING)
+        try:
+            yield execution.address
+        finally:
+            ray.shutdown()  # the driver's connection; the cluster stays
+        return
+    gpus = execution.workers * execution.worker_gpus
+    with prefect_api():  # before ray.init: the raylet, and so every worker, inherits PREFECT_API_URL
+        ray.init(num_cpus=gpus + execution.workers, num_gpus=gpus, include_dashboard=False,
+                 object_store_memory=RAY_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 @contextlib.contextmanager

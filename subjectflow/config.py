@@ -333,11 +333,13 @@ class VersioningConfig(_Section):
 class ExecutionConfig(_Section):
     """Where tasks run. Nothing here shapes an artefact, so no id hashes it."""
 
-    # local: the flow's own threads, one per device. dask: a Dask cluster's workers; model
-    # tasks ask each for one "GPU" resource, so the engine places them (one worker per GPU).
-    engine: Literal["local", "dask"] = "local"
-    # A running Dask scheduler (tcp://host:8786) to attach to; "" = start a local cluster
-    # of `workers` processes for the command, for trying the engine out.
+    # local: the flow's own threads, one per device. dask / ray: a cluster's workers; model
+    # tasks ask for one GPU (Dask's "GPU" worker resource, Ray's num_gpus), so the engine
+    # places them. Dask is the one recommended (README, "Scaling").
+    engine: Literal["local", "dask", "ray"] = "local"
+    # A running cluster to attach to (Dask's tcp://host:8786, Ray's host:6379 or
+    # ray://host:10001); "" = start a local cluster of `workers` workers for the command,
+    # for trying the engine out.
     address: str = ""
     workers: int = Field(2, ge=1)
     worker_gpus: int = Field(1, ge=1)  # "GPU" resources each local worker advertises: its model slots

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -114,15 +115,21 @@ class Staged:
 
 
 def _on_engine_worker() -> bool:
-    try:
+    """Whether this process is a cluster's worker rather than the flow's own; a task the
+    flow calls in-process (a plan, a one-off generate) writes its rows itself."""
+    if "distributed" in sys.modules:
         from distributed import get_worker
-    except ImportError:
-        return False
-    try:
-        get_worker()
-    except ValueError:
-        return False
-    return True
+
+        try:
+            get_worker()
+            return True
+        except ValueError:
+            pass
+    if "ray" in sys.modules:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    return False
 
 
 def method_context(catalog_root: Path, config: Config) -> Context:

@@ -58,7 +58,7 @@ class Context:
             return cls(catalog, config, base, lambda: open_model(catalog, config)[0], say)
         model = config.model
         return cls(catalog, config, base,
-                   lambda: RESIDENT.checkout(model.base, catalog.root / MODELS_DIR, model.device, model.precision),
+                   lambda: RESIDENT.checkout(model.base, catalog.root / MODELS_DIR, model.device, model.precision, say),
                    say, give_back=RESIDENT.checkin)
 
     @property

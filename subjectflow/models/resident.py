@@ -13,8 +13,10 @@ fine-tunes the UNet itself) is dropped, so the next task loads it fresh.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +68,10 @@ class ResidentModels:
     _entries: dict[tuple, _Resident] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def checkout(self, base: str, models_dir: Path, device: str = "auto", precision: str = "auto") -> ModelParts:
-        """The base model on its device, for one task's sole use until `checkin`."""
+    def checkout(self, base: str, models_dir: Path, device: str = "auto", precision: str = "auto",
+                 say: Callable[[str], None] | None = None) -> ModelParts:
+        """The base model on its device, for one task's sole use until `checkin`; `say`
+        hears whether it was resident or loaded, and in which process."""
         target, dtype = resolve_device(device, precision)
         path = resolve_model_path(base, models_dir)
         key = (path, _weights_stamp(path), str(target), str(dtype))
@@ -77,11 +81,15 @@ class ResidentModels:
             if self.enabled and resident is not None and resident.idle is not None:
                 parts, resident.idle = resident.idle, None
                 self.hits += 1
+                if say:
+                    say(f"base model {base}: resident in process {os.getpid()} ({self.hits} reuses)")
                 return parts
             # one base per device: an idle one of another model makes room
             for other in [r for r in self._entries.values() if r.device == str(target) and r.idle is not None]:
                 self._drop(other, "another base model was asked for on this device")
             self.loads += 1
+        if say:
+            say(f"base model {base}: loading in process {os.getpid()}")
         parts = load_components(base, models_dir, target, dtype)
         with self._lock:
             if self.enabled and key not in self._entries:

@@ -47,6 +47,12 @@ def _catalog_locks_taken() -> list[str]:
     return store.locks_taken
 
 
+def _resident_reuses() -> int:
+    from subjectflow.models.resident import RESIDENT
+
+    return RESIDENT.hits
+
+
 def _scores(catalog) -> dict[tuple[str, str], float]:
     return {(row["subject_id"], row["metric"]): row["value"] for row in catalog.read("metrics").to_pylist()}
 
@@ -62,6 +68,8 @@ def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_
             scored = on_engine(evaluate_flow, placed)(str(on_dask.root), None, None, placed)
         # the workers staged their rows and the flow wrote them: no worker took the lock
         assert client.run(_catalog_locks_taken) == {worker: [] for worker in client.scheduler_info()["workers"]}
+        # each worker's later model tasks found the base model its first one loaded
+        assert all(hits >= 1 for hits in client.run(_resident_reuses).values())
     assert not run.failures and sorted(o.subject for o in run.outcomes) == sorted(SUBJECTS)
     assert not scored.failures and len(scored.scored) == len(SUBJECTS)
 
@@ -174,3 +182,4 @@ def test_the_refresh_command_takes_the_engine_settings():
     args = build_parser().parse_args(["refresh", "--set", "execution.engine=dask",
                                       "--set", "execution.address=tcp://head:8786"])
     assert _overrides(args)["execution"] == {"engine": "dask", "address": "tcp://head:8786"}
+
