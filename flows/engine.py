@@ -60,23 +60,42 @@ def limit_devices(config: Config) -> None:
 
 
 @contextlib.contextmanager
-def model_work(config: Config) -> Iterator[None]:
-    """Tasks submitted in the block each take one device: the engine's GPU resource."""
-    if config.execution.engine == "local":
+def model_work(config: Config, gpus: int = 1) -> Iterator[None]:
+    """Tasks submitted in the block each take `gpus` devices: the engine's GPU resource
+    (a data-parallel job takes several on one node; training/parallel.py)."""
+    engine_name = config.execution.engine
+    if engine_name == "local":
         yield  # the tasks' own device slots (tasks/tune.py) place them
         return
-    if config.execution.engine == "dask":
+    most = _most_gpus_on_a_node(config.execution) if gpus > 1 else gpus
+    if gpus > most:  # the engine would wait for such a worker forever
+        raise ConfigError(f"a task needs {gpus} GPUs on one node and the {engine_name} cluster's largest worker "
+                          f"offers {most}; start a worker with that many (Dask: --resources GPU={gpus}) or lower "
+                          f"joint.devices")
+    if engine_name == "dask":
         import dask
 
-        with dask.annotate(resources={MODEL_RESOURCE: 1}):
+        with dask.annotate(resources={MODEL_RESOURCE: gpus}):
             yield
         return
     from prefect_ray.context import remote_options
 
     # Ray retires a GPU task's process after one call unless told otherwise: max_calls=0
     # keeps the worker, and with it the resident base model (models/resident.py).
-    with remote_options(num_gpus=1, max_calls=0):
+    with remote_options(num_gpus=gpus, max_calls=0):
         yield
+
+
+def _most_gpus_on_a_node(execution: ExecutionConfig) -> float:
+    if execution.engine == "dask":
+        from distributed import Client
+
+        with Client(execution.address) as client:
+            workers = client.scheduler_info()["workers"].values()
+        return max((w.get("resources", {}).get(MODEL_RESOURCE, 0) for w in workers), default=0)
+    import ray
+
+    return max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
 
 
 @contextlib.contextmanager

@@ -86,7 +86,7 @@ def tune_flow(catalog: str, method: str, subjects: list[str] | None = None, conf
 
 def _tune(root: Path, method: str, subjects: list[str] | None, config: Config) -> TuneRun:
     if registry.get(method).shared:
-        with model_work(config):
+        with model_work(config, registry.get(method).devices(config)):
             futures = [tune_task.submit(root, None, method, config)]
         return _collect(futures, [method], root)
     todo = subjects if subjects else stale_subjects_task(root, method, config)

@@ -225,6 +225,10 @@ class JointConfig(_Section):
     steps: int = Field(1000, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     sets_per_step: int = Field(1, ge=1)
+    # GPUs (one process each) the joint model trains on as one data-parallel job; each takes
+    # its share of a step's train.gradient_accumulation micro-batches, so the model is the
+    # same on any number (training/parallel.py). At most one per micro-batch.
+    devices: int = Field(1, ge=1)
     # Trained as it is sampled (our choice, METHODS.md section 2): per set a random 1..N-1
     # members are clean known references with the loss on the rest; a noisy member's caption
     # is dropped, or a step trains single images with empty text, at these rates.

@@ -99,6 +99,10 @@ class Method:
         """False when the configuration switches the method off (the refresh skips it)."""
         return True
 
+    def devices(self, config: Config) -> int:
+        """GPUs one training task of it takes (what it asks an engine for)."""
+        return 1
+
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         """The id its artefact would have if made now, from the ids of what it needs;
         nothing is run. `subject` is None for a shared method."""

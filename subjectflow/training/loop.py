@@ -22,6 +22,7 @@ import torch
 
 from ..config import TrainConfig
 from ..progress import progress
+from .parallel import SINGLE, Ranks
 from .prodigy import Prodigy
 from .subjects import TuningError
 
@@ -105,10 +106,13 @@ def train(
     device: torch.device | str = "cpu",
     stop_after: int | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Run `steps` optimiser steps, resuming from `work_dir`'s newest checkpoint.
 
     `stop_after` ends the run early (as an interruption would), after checkpointing.
+    In a data-parallel job (`ranks`, training/parallel.py) this process computes its share
+    of each step's micro-batches; only the leader checkpoints and shows progress.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     groups = (objective.parameter_groups(learning_rate) if hasattr(objective, "parameter_groups")
@@ -137,14 +141,15 @@ def train(
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
                 else contextlib.nullcontext())
     accumulation = config.gradient_accumulation
-    with progress(steps, "train", initial=start) as shown:
+    # A follower rank's output is a pipe, never a terminal: its progress lines go nowhere.
+    with progress(steps, "train", initial=start, say=None if ranks.leader else _silent) as shown:
         for step in range(start, steps):
             # Warm-up as a function of the step alone: nothing to checkpoint, resume stays exact.
             warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * warm
             totals: dict[str, float] = {}
-            for micro in range(accumulation):
+            for micro in ranks.micro_batches(accumulation):
                 with autocast:
                     loss, metrics = objective.loss(step_generator(config.seed, step, micro, device))
                 if not torch.isfinite(loss):
@@ -155,6 +160,8 @@ def train(
                 (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / accumulation
+            ranks.sum_gradients(params)
+            totals = ranks.sum_figures(totals)
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             if config.max_grad_norm > 0:
@@ -173,8 +180,13 @@ def train(
                 on_step(step + 1, row)
             shown.update(1, loss=totals.get("loss", float("nan")))
             done = step + 1
-            if done % config.checkpoint_every == 0 or done == steps or done == stop_after:
+            if ranks.leader and (done % config.checkpoint_every == 0 or done == steps or done == stop_after):
                 _save_checkpoint(work_dir, done, objective, optimizer, result.history, scaler)
             if done == stop_after:
                 break
     return result
+
+
+
+def _silent(line: str) -> None:
+    pass

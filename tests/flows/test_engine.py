@@ -183,3 +183,25 @@ def test_the_refresh_command_takes_the_engine_settings():
                                       "--set", "execution.address=tcp://head:8786"])
     assert _overrides(args)["execution"] == {"engine": "dask", "address": "tcp://head:8786"}
 
+
+def test_the_joint_model_takes_a_two_gpu_worker_for_two_ranks_and_is_refused_where_none_is_that_large(tmp_path):
+    from subjectflow.jointsets import build_jointsets
+
+    catalog = ingested_catalog(tmp_path, per_subject=2)
+    sets = {"resolution": 32, "sets_per_subject": 2}
+    build_jointsets(catalog, tiny_config(jointsets=sets).jointsets, say=lambda _: None)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, resources={MODEL_RESOURCE: 2},
+                      dashboard_address=None) as node:
+        def joint(devices: int):
+            config = tiny_config(jointsets=sets, joint={"steps": 2, "devices": devices},
+                                 train={"gradient_accumulation": devices},  # a micro-batch per rank
+                                 execution={"engine": "dask", "address": node.scheduler_address})
+            with engine(config) as placed:
+                return on_engine(tune_flow, placed)(str(catalog.root), "jedi", None, placed)
+
+        with pytest.raises(ConfigError, match="needs 3 GPUs on one node .* offers 2"):
+            joint(3)
+        run = joint(2)  # two rank processes launched from inside the (daemonic) Dask worker
+    assert not run.failures and [o.made for o in run.outcomes]
+    assert list((catalog.root / "work" / "joint").glob("*/rank-1.log"))
+    assert len(catalog.read("models").to_pylist()) == 1

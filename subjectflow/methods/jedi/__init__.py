@@ -16,6 +16,7 @@ from diffusers import UNet2DConditionModel
 from ...catalog.schemas import MODELS
 from ...config import Config
 from ...training.artefacts import find_row
+from ...training.parallel import devices_for
 from ...training.subjects import Subject, TuningError, training_subjects
 from ..base import Artefacts, Context, Method
 from .completion import jedi_negative_plan, make_jedi_negatives, sample_by_completion
@@ -43,6 +44,9 @@ class Jedi(Method):
 
     def enabled(self, config: Config) -> bool:
         return config.joint.enabled
+
+    def devices(self, config: Config) -> int:
+        return devices_for(config.joint.devices, config.train.gradient_accumulation)
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return current_model_id(ctx.catalog, ctx.config, ctx.base)
@@ -86,6 +90,9 @@ class JediSfo(Jedi):
     makes_negatives = True
     steps_setting = "sfo.steps"
     usage = USAGE.format(method="jedi-sfo")
+
+    def devices(self, config: Config) -> int:
+        return 1  # one SFO LoRA, trained in one process
 
     def trained_on(self, ctx: Context) -> set[str] | None:
         # Its pairs come from every training subject; its parent saw those with joint sets.

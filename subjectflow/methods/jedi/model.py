@@ -10,19 +10,21 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
 
 from ...catalog import Catalog
-from ...catalog.layout import WORK_DIR
+from ...catalog.layout import MODELS_DIR, WORK_DIR
 from ...catalog.schemas import JOINTSETS, MODELS
 from ...config import Config, stable_hash
-from ...models.loading import ModelParts
+from ...models.loading import ModelParts, load_components, resolve_device
 from ...training.adapters import adapter_state, add_lora, load_adapter_state, load_lora_file, lora_file_bytes
 from ...training.artefacts import autocast_dtype, find_row, record_trained
 from ...training.diffusion import Metrics, denoising_loss, denoising_target, unet_eps
-from ...training.loop import train
+from ...training.loop import TrainResult, train
+from ...training.parallel import SINGLE, Ranks, devices_for, run_ranks
 from ...training.subjects import TuningError, training_subjects
 from ..base import Context
 from .attention import CoupledSelfAttnProcessor, coupled
@@ -30,6 +32,7 @@ from .retrain import SetMembers, kept_model, trained_sets
 from .set_latents import CachedSetLatents, encode_sets
 
 JEDI = "jedi"
+RANK_RESULT = "rank-result.pt"  # a data-parallel job's leader leaves its result here
 
 
 def current_sets(catalog: Catalog, config: Config) -> list[dict]:
@@ -192,10 +195,54 @@ class JointObjective:
 
 
 def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
-    """Train (or resume) the joint model on the current joint sets and register it."""
-    catalog, config, parts, base = ctx.catalog, ctx.config, ctx.parts, ctx.base
+    """Train (or resume) the joint model on the current joint sets and register it: in this
+    process, or over `joint.devices` GPUs as one data-parallel job (training/parallel.py)."""
+    catalog, config, base = ctx.catalog, ctx.config, ctx.base
     rows = current_sets(catalog, config)
     model_id = joint_model_id(config, base, rows)
+    work_dir = catalog.root / WORK_DIR / "joint" / model_id
+    world = devices_for(config.joint.devices, config.train.gradient_accumulation)
+    if world == 1:
+        result, file_bytes = _fit(catalog, config, ctx.parts, base, rows, work_dir, stop_after)
+    else:
+        encode_sets(catalog, ctx.parts, rows, config.train.resolution, base)  # the ranks read the latent cache
+        ctx.say(f"joint model {model_id}: {world} ranks, {config.train.gradient_accumulation} micro-batches a step")
+        run_ranks(f"{__name__}:fit_on_rank", {"catalog": str(catalog.root), "config": config.model_dump(mode="json"),
+                                              "base": base, "stop_after": stop_after}, world, work_dir, ctx.say)
+        handed = torch.load(work_dir / RANK_RESULT, weights_only=False)
+        result, file_bytes = handed["result"], handed["file_bytes"]
+    if stop_after is not None and stop_after < config.joint.steps:
+        return {"model_id": model_id, "interrupted_at": stop_after}
+    sets = json.dumps(set_members(rows), sort_keys=True).encode()
+    cfg = config.joint
+    policy = {"retrain": cfg.retrain, "retrain_fraction": cfg.retrain_fraction, "retrain_days": cfg.retrain_days}
+    row = {"model_id": model_id, "method": JEDI, "weights": cfg.weights, "base_model": base,
+           "parent_model_id": None, "sets_file": catalog.put_blob("models", sets, ".json"),
+           "params": json.dumps({**joint_params(config, base), "retrain": policy}, sort_keys=True),
+           "inputs_hash": stable_hash(sorted({r["set_id"] for r in rows})), "steps": result.steps,
+           "final_loss": result.final_loss}
+    return record_trained(catalog, MODELS, "models", row, result.history, file_bytes)
+
+
+def fit_on_rank(spec: dict, ranks: Ranks) -> None:
+    """One rank of a data-parallel joint job: its own copy of the base model on its device;
+    the leader leaves the result for `train_joint`."""
+    catalog, config = Catalog.open(Path(spec["catalog"])), Config.model_validate(spec["config"])
+    device, dtype = resolve_device(config.model.device, config.model.precision)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    parts = load_components(config.model.base, catalog.root / MODELS_DIR, device, dtype)
+    rows = current_sets(catalog, config)
+    work_dir = catalog.root / WORK_DIR / "joint" / joint_model_id(config, spec["base"], rows)
+    result, file_bytes = _fit(catalog, config, parts, spec["base"], rows, work_dir, spec["stop_after"], ranks)
+    if ranks.leader:
+        torch.save({"result": result, "file_bytes": file_bytes}, work_dir / RANK_RESULT)
+
+
+def _fit(catalog: Catalog, config: Config, parts: ModelParts, base: str, rows: list[dict], work_dir: Path,
+         stop_after: int | None, ranks: Ranks = SINGLE) -> tuple[TrainResult, bytes | None]:
+    """The joint objective trained on `parts`: (the loop's result, the model file's bytes,
+    None when stopped early)."""
     cfg = config.joint
     encoded = encode_sets(catalog, parts, rows, config.train.resolution, base)
     if config.train.gradient_checkpointing:
@@ -215,21 +262,14 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
                                caption_dropout=cfg.caption_dropout, reference_dropout=cfg.reference_dropout)
     try:
         with coupled(parts.unet, config.jointsets.set_size) as objective.processor:
-            result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, cfg.steps,
-                           cfg.learning_rate, autocast, parts.unet.device, stop_after)
+            result = train(objective, config.train, work_dir, cfg.steps, cfg.learning_rate, autocast,
+                           parts.unet.device, stop_after, ranks=ranks)
         if stop_after is not None and stop_after < cfg.steps:
-            return {"model_id": model_id, "interrupted_at": stop_after}
+            return result, None
         file_bytes = (lora_file_bytes(parts.unet, JEDI) if cfg.weights == "lora"
                       else save({k: v.contiguous() for k, v in parts.unet.state_dict().items()}))
     finally:
         parts.unet.eval()
         if cfg.weights == "unet" and autocast is not None:
             parts.unet.to(autocast)
-    sets = json.dumps(set_members(rows), sort_keys=True).encode()
-    policy = {"retrain": cfg.retrain, "retrain_fraction": cfg.retrain_fraction, "retrain_days": cfg.retrain_days}
-    row = {"model_id": model_id, "method": JEDI, "weights": cfg.weights, "base_model": base,
-           "parent_model_id": None, "sets_file": catalog.put_blob("models", sets, ".json"),
-           "params": json.dumps({**joint_params(config, base), "retrain": policy}, sort_keys=True),
-           "inputs_hash": stable_hash(sorted({r["set_id"] for r in rows})), "steps": result.steps,
-           "final_loss": result.final_loss}
-    return record_trained(catalog, MODELS, "models", row, result.history, file_bytes)
+    return result, file_bytes
