@@ -111,6 +111,9 @@ def plan_evaluations(ctx: Context, subjects: list[str] | None = None,
             split = None if trained[method] is None else IN_CATALOG if subject.subject_id in trained[method] else HELDOUT
             plan.todo.append(Evaluation(subject, method, ref, evaluation_id, row["trained_on_version"], rows, split,
                                         variant))
+    # A new shared model's zero-shot numbers (subjects it never trained on) come first: the
+    # scores it is judged by are in even when a long evaluation stage is cut short.
+    plan.todo.sort(key=lambda job: job.split != HELDOUT)
     return plan
 
 

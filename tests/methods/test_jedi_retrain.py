@@ -43,6 +43,7 @@ def test_a_new_subject_is_served_by_the_kept_joint_model_and_scored_as_held_out(
     plan = plan_evaluations(ctx, methods=["jedi"])
     assert {(job.subject.name, job.split) for job in plan.todo} == {
         ("red_mug", "in-catalog"), ("blue_box", "in-catalog"), ("vase", "heldout")}
+    assert plan.todo[0].subject.name == "vase"  # the held-out subject is scored first
 
     # retraining on any change: the same catalog wants a new model
     eager = tiny_config(jointsets={"resolution": 32, "sets_per_subject": 2}, joint={**joint, "retrain": "any"})
