@@ -10,6 +10,9 @@ process so that workers do not fight over the cores:
                    against the local engine, run side by side.
   model loads      base-model loads in one full `catalog-refresh`, resident models off
                    (the behaviour before models/resident.py) and on.
+  task payload     bytes a cluster task carries: Prefect's serialized run context (which
+                   holds the flow's parameters) and a tune task's own arguments, for a
+                   flow given no subject list (the nightly refresh) and 1,000 or 10,000 names.
 
 Run: .venv/bin/python -m bench.scaleout [--subjects 6] [--steps 20]  (from the repository root)
 Writes OUT/results.json.
@@ -32,7 +35,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import cloudpickle  # noqa: E402
 from distributed import LocalCluster  # noqa: E402
+from prefect import flow, task  # noqa: E402
+from prefect.context import serialize_context  # noqa: E402
 
 from bench.refresh import TINY, write_source  # noqa: E402
 from flows.engine import MODEL_RESOURCE, engine, on_engine, prefect_api  # noqa: E402
@@ -138,28 +144,62 @@ def model_loads(work: Path, config: Config, subjects: int) -> dict:
     return loads
 
 
+@task
+def _noop(root: str, subject: str, method: str, config: Config) -> None:
+    pass
+
+
+@flow
+def _context_bytes(catalog: str, subjects: list[str] | None, config: Config) -> tuple[int, int]:
+    arguments = {"root": catalog, "subject": "subject-00000", "method": "sft", "config": config}
+    return len(cloudpickle.dumps(serialize_context())), len(cloudpickle.dumps((_noop, arguments)))
+
+
+def payload(config: Config) -> dict:
+    sizes = {}
+    for count in (0, 1000, 10000):
+        names = [f"subject-{i:05d}" for i in range(count)] or None
+        sizes[count] = dict(zip(("context_bytes", "task_bytes"), _context_bytes("catalog", names, config)))
+    return sizes
+
+
+PARTS = ("overhead", "tuning", "model_loads", "payload")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "scaleout")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     config = load_config(overrides={**TINY, "train": {**TINY["train"], "steps": args.steps}})
+    measures = {"overhead": lambda: overhead(args.out, config),
+                "tuning": lambda: tuning(args.out, config, args.subjects),
+                "model_loads": lambda: model_loads(args.out, config, min(args.subjects, 6)),
+                "payload": lambda: payload(config)}
     with prefect_api():  # one Prefect server for this process and every worker
-        results = {"overhead": overhead(args.out, config), "tuning": tuning(args.out, config, args.subjects),
-                   "model_loads": model_loads(args.out, config, min(args.subjects, 6))}
-    print("engine overhead (a tune flow with nothing stale, wall s, x local)")
-    local = results["overhead"]["local"]
-    for label, seconds in results["overhead"].items():
-        print(f"  {label:<18} {seconds:6.1f}  {seconds / local:5.2f}x")
-    print(f"tuning {args.subjects} subjects, sft {args.steps} steps (subjects/s, x local)")
-    local = results["tuning"]["local"]
-    for label, rate in results["tuning"].items():
-        print(f"  {label:<18} {rate:6.2f}  {rate / local:5.2f}x")
-    loads = results["model_loads"]
-    print(f"base-model loads in one catalog-refresh of {min(args.subjects, 6)} subjects: "
-          f"resident off {loads['resident off']}, on {loads['resident on']}")
+        results = {part: measures[part]() for part in args.parts}
+    if "overhead" in results:
+        print("engine overhead (a tune flow with nothing stale, wall s, x local)")
+        local = results["overhead"]["local"]
+        for label, seconds in results["overhead"].items():
+            print(f"  {label:<18} {seconds:6.1f}  {seconds / local:5.2f}x")
+    if "tuning" in results:
+        print(f"tuning {args.subjects} subjects, sft {args.steps} steps (subjects/s, x local)")
+        local = results["tuning"]["local"]
+        for label, rate in results["tuning"].items():
+            print(f"  {label:<18} {rate:6.2f}  {rate / local:5.2f}x")
+    if "model_loads" in results:
+        loads = results["model_loads"]
+        print(f"base-model loads in one catalog-refresh of {min(args.subjects, 6)} subjects: "
+              f"resident off {loads['resident off']}, on {loads['resident on']}")
+    if "payload" in results:
+        print("bytes a cluster task carries (Prefect's run context + a tune task's arguments)")
+        for count, sizes in results["payload"].items():
+            print(f"  flow given {count or 'no'} subject names: context {sizes['context_bytes'] / 1e3:.1f} KB, "
+                  f"task {sizes['task_bytes'] / 1e3:.1f} KB")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
