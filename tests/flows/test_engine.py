@@ -118,8 +118,9 @@ def test_a_worker_killed_mid_training_costs_only_that_task_a_retry_elsewhere(tmp
     assert adapter_files(on_dask) == adapter_files(uninterrupted)
 
 
-def test_a_remote_cluster_without_a_prefect_server_fails_fast_with_what_to_run():
-    config = tiny_config(execution={"engine": "dask", "address": "tcp://10.0.0.1:8786"})
+@pytest.mark.parametrize("name, address", [("dask", "tcp://10.0.0.1:8786"), ("ray", "ray://10.0.0.1:10001")])
+def test_a_remote_cluster_without_a_prefect_server_fails_fast_with_what_to_run(name, address):
+    config = tiny_config(execution={"engine": name, "address": address})
     with temporary_settings({PREFECT_API_URL: None}), pytest.raises(ConfigError, match="prefect server start"):
         with engine(config):
             pass
