@@ -95,7 +95,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     catalog = _open(args)
     config = load_config(catalog.params_file, _overrides(args))
-    run = ingest_flow(args.source, str(catalog.root), config)
+    run = _on_engine(ingest_flow, config, args.source, str(catalog.root))
     print(run.report.summary())
     print(f"catalog {catalog.root}: " + (f"v{run.version.number} ({run.version.commit[:10]})" if run.version else "no new version"))
     return 0 if run.report.balanced else 1

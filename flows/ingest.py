@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from tqdm import tqdm
 
 from flows.versioning import version_run
@@ -33,12 +33,17 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
     listing = list_source_task(source)
     plan = plan_ingest_task(listing, root, config.ingest)
 
-    results = []
     size = config.ingest.batch_size
+    batches = [plan.todo[start:start + size] for start in range(0, len(plan.todo), size)]
+    if config.execution.engine == "local":  # a batch at a time, over this machine's worker processes
+        done = (process_photos_task(batch, root, config.ingest) for batch in batches)
+    else:  # a task per batch, one process each: the engine spreads them over every worker
+        one_process = config.ingest.model_copy(update={"workers": 1})
+        done = (f.result() for f in process_photos_task.map(batches, unmapped(root), unmapped(one_process)))
+    results = []
     with tqdm(total=len(plan.todo), desc="ingest", unit="photo", disable=None) as progress:
-        for start in range(0, len(plan.todo), size):
-            batch = plan.todo[start:start + size]
-            results += process_photos_task(batch, root, config.ingest)
+        for batch, batch_results in zip(batches, done):
+            results += batch_results
             progress.update(len(batch))
 
     report = record_ingest_task(root, listing, plan, results, config.ingest)

@@ -124,11 +124,12 @@ def catalog_refresh(catalog: str = "catalog", source: str | None = None, config:
     staged = config.model_copy(update={"versioning": config.versioning.model_copy(update={"enabled": False})})
     record = RunRecord(run_id=str(flow_run.get_id() or "local"), flow="catalog-refresh")
 
-    _stage(record, "ingest", lambda: ingest_flow(source or configured_source(opened, config), root, staged),
-           lambda run: _account_ingest(record, run))
-    _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
-           lambda run: _account_jointsets(record, run))
     with engine(staged) as placed:
+        _stage(record, "ingest",
+               lambda: on_engine(ingest_flow, placed)(source or configured_source(opened, config), root, placed),
+               lambda run: _account_ingest(record, run))
+        _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
+               lambda run: _account_jointsets(record, run))
         for method in registry.targets(config, config.evaluate.methods):
             _stage(record, f"tune {method}", lambda m=method: on_engine(tune_flow, placed)(root, m, subjects, placed),
                    lambda run, m=method: _account_tune(record, m, run))

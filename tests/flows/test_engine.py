@@ -89,6 +89,33 @@ def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_
         assert all(next_start > stop - 0.1 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
 
 
+def _rows(catalog, table: str) -> list[dict]:
+    rows = [{k: v for k, v in row.items() if not k.endswith("_at")} for row in catalog.read(table).to_pylist()]
+    return sorted(rows, key=lambda row: sorted(row.items()))
+
+
+def test_ingest_batches_spread_over_the_workers_and_record_the_local_engines_tables(tmp_path, cluster):
+    from flows.ingest import ingest_flow
+    from subjectflow.catalog import init_catalog
+    from tests.photos import photo_set
+
+    source = str(photo_set(tmp_path / "src", subjects=SUBJECTS, per_subject=2))
+    batches = {"batch_size": 2}
+    on_dask = init_catalog(tmp_path / "dask", tiny_config())
+    config = tiny_config(ingest=batches, execution={"engine": "dask", "address": cluster.scheduler_address})
+    with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
+        with engine(config) as placed:
+            run = on_engine(ingest_flow, placed)(source, str(on_dask.root), placed)
+    assert run.report.balanced and run.report.ingested == 2 * len(SUBJECTS)
+    # CPU work asks for no GPU: both workers took batches, several at once
+    assert len({t["worker"] for t in stream.data if t["key"].startswith("process_photos_task")}) == 2
+
+    local = init_catalog(tmp_path / "local", tiny_config())
+    ingest_flow(source, str(local.root), tiny_config(ingest=batches))
+    for table in ("images", "subjects", "quarantine"):
+        assert _rows(on_dask, table) == _rows(local, table), table
+
+
 def _kill_a_worker_mid_training(client: Client, catalog_root, killed: list[str]) -> None:
     """SIGKILL a worker busy with a model task once that task has written a checkpoint."""
     deadline = time.monotonic() + 300
