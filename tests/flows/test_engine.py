@@ -79,14 +79,17 @@ def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_
     assert adapter_files(on_dask) == adapter_files(local) and len(adapter_files(local)) == len(SUBJECTS)
     assert _scores(on_dask) == _scores(local) and len(_scores(local)) >= len(SUBJECTS)
 
-    # Each worker has 2 threads but one GPU: its model tasks never overlapped, and both worked.
-    # (A worker stamps a task's stop after it has already freed the resource: ~10 ms here.)
-    spans = [(t["worker"], min(s["start"] for s in t["startstops"]), max(s["stop"] for s in t["startstops"]))
-             for t in stream.data if "tune" in t["key"]]
+    # Each worker has 2 threads but one GPU: its model tasks' compute never overlapped, and
+    # both worked. Only "compute" holds the resource. The stamps are the worker's, taken in
+    # its threads: on a loaded CI box one stop came 0.25 s after the next start, against a
+    # whole task's ~1 s of overlap without the GPU annotation, hence the 0.5 s allowance.
+    computes = [(t["worker"], [s for s in t["startstops"] if s["action"] == "compute"])
+                for t in stream.data if t["key"].startswith("tune_task")]
+    spans = [(worker, min(s["start"] for s in parts), max(s["stop"] for s in parts)) for worker, parts in computes]
     assert len(spans) == len(SUBJECTS) and len({worker for worker, _, _ in spans}) == 2
     for worker in {w for w, _, _ in spans}:
         mine = sorted((start, stop) for w, start, stop in spans if w == worker)
-        assert all(next_start > stop - 0.1 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
+        assert all(next_start > stop - 0.5 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
 
 
 def _rows(catalog, table: str) -> list[dict]:
