@@ -77,7 +77,7 @@ def s3_endpoint():
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    from subjectflow.ingest.source import s3_client
+    from subjectflow.s3 import s3_client
 
     s3_client.cache_clear()
     yield f"http://{host}:{port}"

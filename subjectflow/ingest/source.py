@@ -8,13 +8,14 @@ Layout: `SOURCE/<subject>/<photo>`; a subject's class noun comes from
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from .. import s3
 
 # Names that are never photos: OS and editor droppings, not user data.
 SYSTEM_FILES = {"Thumbs.db", "desktop.ini", "Icon\r"}
@@ -144,23 +145,10 @@ def list_local(root: Path) -> Listing:
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    match = re.match(r"^s3://([^/]+)/?(.*)$", uri)
-    if not match:
-        raise SourceError(f"{uri!r} is not an S3 URI; use s3://bucket/prefix")
-    return match.group(1), match.group(2)
-
-
-@functools.lru_cache(maxsize=1)
-def s3_client():
-    """One client per process; boto3 clients are not safe to share across fork/spawn.
-
-    Honours the standard credential chain and AWS_ENDPOINT_URL (S3-compatible stores);
-    'standard' retry mode retries throttling and transient network errors with backoff.
-    """
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    return boto3.client("s3", config=BotoConfig(retries={"max_attempts": 8, "mode": "standard"}))
+    try:
+        return s3.split_s3_uri(uri)
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None
 
 
 def _s3_failure(uri: str, exc: Exception) -> SourceError:
@@ -186,7 +174,7 @@ def list_s3(uri: str) -> Listing:
         prefix += "/"
     entries = []
     try:
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in s3.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith("/"):  # console-made "folder" placeholders
                     continue
@@ -205,5 +193,5 @@ def list_source(source: str) -> Listing:
 def read_bytes(uri: str) -> bytes:
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return s3.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     return Path(uri).read_bytes()
