@@ -13,6 +13,7 @@ from flows.engine import limit_devices, model_work
 from flows.ingest import config_for
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
+from subjectflow.catalog.blobstore import BlobStore
 from subjectflow.config import Config
 from subjectflow.methods import registry
 from subjectflow.methods.registry import TuneOutcome
@@ -51,15 +52,20 @@ def wait_all(futures, labels: list[str], catalog_root: Path) -> tuple[dict[str, 
             failures[label] = f"{type(exc).__name__}: {exc}"
             continue
         if isinstance(result, Staged):
-            staged.append(result.rows)
+            staged.append(result)
             result = result.value
         results[label] = result
         if len(staged) >= COMMIT_EVERY:
-            Catalog.open(catalog_root).commit(staged)
+            _commit(catalog_root, staged)
             staged = []
     if staged:
-        Catalog.open(catalog_root).commit(staged)
+        _commit(catalog_root, staged)
     return results, failures
+
+
+def _commit(catalog_root: Path, staged: list[Staged]) -> None:
+    store = next((BlobStore(s.store) for s in staged if s.store), None)
+    Catalog.open(catalog_root).commit([s.rows for s in staged], [rel for s in staged for rel in s.blobs], store)
 
 
 def _collect(futures, subjects: list[str], root: Path, made: str = TuneRun.made) -> TuneRun:

@@ -347,6 +347,11 @@ class ExecutionConfig(_Section):
     address: str = ""
     workers: int = Field(2, ge=1)
     worker_gpus: int = Field(1, ge=1)  # "GPU" resources each local worker advertises: its model slots
+    # Where engine workers put the blobs and checkpoints they make: "" = the catalog folder,
+    # which they then share writable with the flow; s3://bucket/prefix = that S3 prefix (the
+    # flow copies a task's blobs into the catalog when it commits the task's rows), so the
+    # workers need the catalog folder only to read, and a retry resumes a dead worker's run.
+    blob_store: str = Field("", pattern=r"^(|s3://[^/]+(/.*)?)$")
     # Keep the base model loaded across a process's tasks (models/resident.py); off reloads per task.
     resident_models: bool = True
 

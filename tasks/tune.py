@@ -23,6 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from subjectflow.catalog import Catalog
+from subjectflow.catalog.blobstore import BlobStore
 from subjectflow.config import Config
 from subjectflow.jointsets import JointSetsReport, build_jointsets
 from subjectflow.methods import registry
@@ -112,6 +113,8 @@ class Staged:
 
     value: Any
     rows: dict[str, pa.Table]
+    blobs: list[str]  # what it put to the blob store, for the flow to copy into the catalog first
+    store: str  # that store (execution.blob_store), "" = the catalog folder itself
 
 
 def _on_engine_worker() -> bool:
@@ -135,14 +138,20 @@ def _on_engine_worker() -> bool:
 def method_context(catalog_root: Path, config: Config) -> Context:
     """The catalog, config and base model id, with the model loaded only when work needs it;
     used as `with`, so a borrowed resident model goes back when the task ends. On an engine
-    worker the catalog is a staging copy (`Catalog.staging`)."""
+    worker the catalog is a staging copy (`Catalog.staging`) on the run's blob store."""
     catalog = Catalog.open(catalog_root)
-    return Context.open(catalog.staging() if _on_engine_worker() else catalog, config, say=get_run_logger().info)
+    if _on_engine_worker():
+        uri = config.execution.blob_store
+        catalog = catalog.staging(BlobStore(uri) if uri else None)
+    return Context.open(catalog, config, say=get_run_logger().info)
 
 
 def handed_back(ctx: Context, value: Any) -> Any:
     """A task's result, with its staged rows when it ran on an engine worker."""
-    return value if ctx.catalog.staged is None else Staged(value, ctx.catalog.staged)
+    catalog = ctx.catalog
+    if catalog.staged is None:
+        return value
+    return Staged(value, catalog.staged, catalog.made, catalog.store.uri if catalog.store else "")
 
 
 @task(name="plan-tuning")

@@ -17,15 +17,18 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from .layout import BLOB_KINDS, BLOBS_DIR, STAGE_DIRS, TABLE_FILE, TABLES_DIR
+from .layout import BLOB_KINDS, BLOBS_DIR, STAGE_DIRS, TABLE_FILE, TABLES_DIR, WORK_DIR
 from .schemas import TABLES, VERSION_KEY, TableSpec
+
+if TYPE_CHECKING:
+    from .blobstore import BlobStore
 
 MANIFEST = "catalog.json"
 FORMAT = "subjectflow-catalog"
@@ -99,6 +102,11 @@ class Catalog:
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
     # A staging copy's rows by table (see `staging`): kept here, read back, never written.
     staged: dict[str, pa.Table] | None = None
+    # A staging copy's blob store (blobstore.py), its cache in this process, and the blobs
+    # put there, which the flow copies into the catalog folder when it commits the rows.
+    store: BlobStore | None = None
+    cache: Path | None = None
+    made: list[str] = field(default_factory=list)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -211,13 +219,24 @@ class Catalog:
 
     # -- one writer ----------------------------------------------------------------
 
-    def staging(self) -> "Catalog":
-        """This catalog for a worker: blobs are written, table rows are kept in `staged`
-        (and read back) for the flow to `commit`, so only the flow ever takes the lock."""
-        return Catalog(self.root, self.manifest, self.lock_timeout_s, staged={})
+    def staging(self, store: BlobStore | None = None, cache: Path | None = None) -> "Catalog":
+        """This catalog for a worker: table rows are kept in `staged` (and read back) for the
+        flow to `commit`, so only the flow ever takes the lock. Blobs and checkpoints go to
+        the catalog folder, or with a `store` there and to `cache` (this process's own copy
+        by default), so the worker never writes the catalog folder."""
+        if store is not None and cache is None:
+            from .blobstore import process_cache
 
-    def commit(self, batches: list[dict[str, pa.Table]]) -> None:
-        """Staged rows from workers, every table in one locked write."""
+            cache = process_cache(store.uri)
+        return Catalog(self.root, self.manifest, self.lock_timeout_s, staged={}, store=store, cache=cache)
+
+    def commit(self, batches: list[dict[str, pa.Table]], blobs: list[str] = (), store: BlobStore | None = None) -> None:
+        """Staged rows from workers, every table in one locked write, after the blobs they
+        put to `store` are in the catalog folder: no committed row names a missing blob."""
+        for rel in blobs:
+            if not (self.root / rel).exists() and not store.fetch(rel, self.root / rel):
+                raise CatalogError(f"{store.uri}/{rel}, made by a worker, is not in the blob store; "
+                                   "check that nothing expires or deletes objects there, then re-run")
         merged: dict[str, pa.Table] = {}
         for batch in batches:
             for name, rows in batch.items():
@@ -261,13 +280,55 @@ class Catalog:
             raise KeyError(f"unknown blob kind {kind!r}; kinds are {list(BLOB_KINDS)}")
         digest = hashlib.sha256(data).hexdigest()
         rel = f"{BLOBS_DIR}/{kind}/{digest[:2]}/{digest}{suffix}"
-        dest = self.root / rel
-        if not dest.exists():
-            atomic_write_bytes(dest, data)
+        if (self.root / rel).exists():
+            return rel
+        if self.store is None:
+            atomic_write_bytes(self.root / rel, data)
+        elif not (self.cache / rel).exists():
+            self.store.put(rel, data)
+            atomic_write_bytes(self.cache / rel, data)
+            self.made.append(rel)
         return rel
 
     def blob_path(self, rel: str) -> Path:
-        return self.root / rel
+        """Where to read a blob: the catalog folder, else (a worker with a store) this
+        process's copy, fetched from the store once."""
+        path = self.root / rel
+        if self.store is None or path.exists():
+            return path
+        cached = self.cache / rel
+        if cached.exists() or self.store.fetch(rel, cached):
+            return cached
+        return path  # in neither: the reader's error names the catalog's own path
+
+    # -- resumable work ------------------------------------------------------------
+
+    def work_dir(self, *parts: str) -> Path:
+        """A resumable job's folder (`work/...`, checkpoints). With a store it is in this
+        process's cache, holding what the store kept of it: a task retried here after its
+        worker died resumes from the dead worker's last checkpoint."""
+        rel = "/".join((WORK_DIR, *parts))
+        if self.store is None:
+            return self.root / rel
+        local = self.cache / rel
+        for name in self.store.names(rel):
+            if not (local / name).exists():
+                self.store.fetch(f"{rel}/{name}", local / name)
+        return local
+
+    def keep_work(self, finished: Path) -> None:
+        """Mirror a work folder to the store once its sub-folder `finished` (a checkpoint)
+        is complete: its files are put, and what the job pruned is deleted. Without a store
+        the folder is already where a retry finds it."""
+        if self.store is None:
+            return
+        folder = finished.parent
+        rel = folder.relative_to(self.cache).as_posix()
+        for path in sorted(p for p in finished.rglob("*") if p.is_file()):
+            self.store.put_file(f"{rel}/{path.relative_to(folder).as_posix()}", path)
+        pruned = [f"{rel}/{name}" for name in self.store.names(rel) if not (folder / name).exists()]
+        if pruned:
+            self.store.delete(pruned)
 
 
 def _upgrade(table: pa.Table, found: int, spec: TableSpec, path: Path) -> pa.Table:

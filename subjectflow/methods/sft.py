@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..catalog.layout import WORK_DIR
 from ..catalog.schemas import ADAPTERS
 from ..config import Config
 from ..training.adapters import adapter_state, load_adapter_state, lora_file_bytes, trained_adapter
@@ -94,8 +93,9 @@ def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> 
     with trained_adapter(parts.unet, config.train.lora_rank, NAME, config.train.seed) as trainable:
         objective = SftObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable,
                                  config.train.batch_size, NAME, class_latents, class_embeds, config.sft.prior_weight)
-        result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.train.steps,
-                       config.train.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+        result = train(objective, config.train, catalog.work_dir("tune", adapter), config.train.steps,
+                       config.train.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after,
+                       on_checkpoint=catalog.keep_work)
         if stop_after is not None and stop_after < config.train.steps:
             return {"adapter_id": adapter, "interrupted_at": stop_after}
         row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": NAME, "base_model": ctx.base,

@@ -82,7 +82,7 @@ def checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(work_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
-                     history: list[dict[str, float]], scaler: torch.amp.GradScaler | None) -> None:
+                     history: list[dict[str, float]], scaler: torch.amp.GradScaler | None) -> Path:
     # Written beside, then renamed into place: a kill mid-save never leaves a checkpoint
     # that looks complete but is not.
     tmp = work_dir / f".{CHECKPOINT_PREFIX}{step}.{uuid.uuid4().hex}"
@@ -94,6 +94,7 @@ def _save_checkpoint(work_dir: Path, step: int, objective: Objective, optimizer:
     tmp.rename(final)
     for _, old in checkpoints(work_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def train(
@@ -107,10 +108,13 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     ranks: Ranks = SINGLE,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Run `steps` optimiser steps, resuming from `work_dir`'s newest checkpoint.
 
     `stop_after` ends the run early (as an interruption would), after checkpointing.
+    `on_checkpoint` gets each finished checkpoint's folder (`Catalog.keep_work` keeps it
+    beyond this machine).
     In a data-parallel job (`ranks`, training/parallel.py) this process computes its share
     of each step's micro-batches; only the leader checkpoints and shows progress.
     """
@@ -181,7 +185,9 @@ def train(
             shown.update(1, loss=totals.get("loss", float("nan")))
             done = step + 1
             if ranks.leader and (done % config.checkpoint_every == 0 or done == steps or done == stop_after):
-                _save_checkpoint(work_dir, done, objective, optimizer, result.history, scaler)
+                saved = _save_checkpoint(work_dir, done, objective, optimizer, result.history, scaler)
+                if on_checkpoint is not None:
+                    on_checkpoint(saved)
             if done == stop_after:
                 break
     return result

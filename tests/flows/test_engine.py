@@ -9,13 +9,15 @@ import time
 
 import pytest
 import yaml
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, LocalCluster, WorkerPlugin, get_task_stream
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.engine import MODEL_RESOURCE, engine, on_engine
 from flows.evaluate import evaluate_flow
 from flows.tune import tune_flow, wait_all
+from subjectflow.catalog.blobstore import BlobStore
 from subjectflow.config import ConfigError
+from subjectflow.s3 import s3_client
 from tests.flows.test_busy_machine import _command
 from tests.training.conftest import adapter_files, ingested_catalog, tiny_config
 
@@ -23,7 +25,7 @@ SUBJECTS = ("red_mug", "blue_box", "vase", "teapot")
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_endpoint):  # started after the S3 endpoint, so the workers inherit AWS_ENDPOINT_URL
     with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, resources={MODEL_RESOURCE: 1},
                       dashboard_address=None) as running:
         yield running
@@ -119,29 +121,60 @@ def test_ingest_batches_spread_over_the_workers_and_record_the_local_engines_tab
         assert _rows(on_dask, table) == _rows(local, table), table
 
 
-def _kill_a_worker_mid_training(client: Client, catalog_root, killed: list[str]) -> None:
-    """SIGKILL a worker busy with a model task once that task has written a checkpoint."""
+class _RecordStoreReads(WorkerPlugin):
+    """In every worker, the nanny's replacement for a killed one included: note each object
+    read from the blob store."""
+
+    def setup(self, worker) -> None:
+        import subjectflow.s3 as s3
+
+        s3.reads = []
+        s3.s3_client().meta.events.register("before-parameter-build.s3.GetObject",
+                                            lambda params, **_: s3.reads.append(params["Key"]))
+
+
+def _store_reads() -> list[str]:
+    import subjectflow.s3 as s3
+
+    return getattr(s3, "reads", [])
+
+
+def _kill_a_worker_mid_training(client: Client, store: BlobStore, killed: list[str]) -> None:
+    """SIGKILL a worker busy with a model task once both subjects have kept a checkpoint, so
+    whichever task dies has one to resume from."""
     deadline = time.monotonic() + 300
-    while not any((catalog_root / "work").rglob("checkpoint-*")) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while len({name.split("/")[0] for name in store.names("work/tune")}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     busy = [worker for worker, keys in client.processing().items() if keys]
     if busy:
         os.kill(client.run(os.getpid, workers=busy[:1])[busy[0]], signal.SIGKILL)
         killed.append(busy[0])
 
 
-def test_a_worker_killed_mid_training_costs_only_that_task_a_retry_elsewhere(tmp_path, cluster):
+def test_a_worker_killed_mid_training_costs_only_a_retry_that_resumes_from_the_s3_blob_store(tmp_path, cluster):
+    """The workers share no writable folder with the flow: blobs and checkpoints go to S3."""
+    s3_client().create_bucket(Bucket="engine-blobs")
+    store = BlobStore("s3://engine-blobs/nightly")
     settings = {"train": {"steps": 60, "checkpoint_every": 10}}
     on_dask = ingested_catalog(tmp_path / "dask", per_subject=2)
-    config = tiny_config(**settings, execution={"engine": "dask", "address": cluster.scheduler_address})
+    config = tiny_config(**settings, execution={"engine": "dask", "address": cluster.scheduler_address,
+                                                "blob_store": store.uri})
     killed: list[str] = []
     with Client(cluster.scheduler_address) as client:
-        killer = threading.Thread(target=_kill_a_worker_mid_training, args=(client, on_dask.root, killed))
+        client.register_plugin(_RecordStoreReads(), name="record-store-reads")
+        killer = threading.Thread(target=_kill_a_worker_mid_training, args=(client, store, killed))
         killer.start()
         with engine(config) as placed:
             run = on_engine(tune_flow, placed)(str(on_dask.root), "sft", None, placed)
         killer.join()
+        reads = [key for keys in client.run(_store_reads).values() for key in keys]
+        client.unregister_worker_plugin("record-store-reads")
     assert killed and not run.failures and len(run.outcomes) == 2
+    assert any("/work/tune/" in key and "/checkpoint-" in key for key in reads), reads  # the retry resumed
+    assert not (on_dask.root / "work" / "tune").exists()  # no worker wrote checkpoints into the catalog
+    made = [row["file"] for row in on_dask.read("adapters").to_pylist()]
+    assert sorted(f.removeprefix("blobs/adapters/") for f in made) == store.names("blobs/adapters")
+    assert all((on_dask.root / f).is_file() for f in made)  # the flow copied them in before committing
 
     uninterrupted = ingested_catalog(tmp_path / "local", per_subject=2)
     assert not tune_flow(str(uninterrupted.root), "sft", None, tiny_config(**settings)).failures

@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import CONCEPT_MASKS, CONCEPT_SCORES, MODELS
 from ...catalog.store import utcnow
 from ...config import Config, stable_hash
@@ -149,9 +148,9 @@ def learn_concepts(ctx: Context, name: str, specs: list[str], stop_after: int | 
         ctx.reused.append(label)
         return found
     with concept_objective(ctx, concepts) as objective:
-        result = train(objective, config.train, ctx.catalog.root / WORK_DIR / NAME / model_id, cc.steps,
+        result = train(objective, config.train, ctx.catalog.work_dir(NAME, model_id), cc.steps,
                        cc.learning_rate, autocast_dtype(ctx.parts), ctx.parts.unet.device, stop_after,
-                       on_step=objective.on_step)
+                       on_step=objective.on_step, on_checkpoint=ctx.catalog.keep_work)
         if stop_after is not None and stop_after < cc.steps:
             return {"model_id": model_id, "interrupted_at": stop_after}
         params = concept_params(config, ctx.base, name, concepts)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from ...catalog.layout import MODELS_DIR, WORK_DIR
+from ...catalog.layout import MODELS_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config
 from ...evaluation.scorers import dino_identity, load_dino
@@ -102,8 +102,9 @@ def train_detex(ctx: Context, subject: Subject, stop_after: int | None = None) -
     config, dx = ctx.config, ctx.config.detex
     adapter = detex_id(ctx, subject)
     with detex_objective(ctx, subject) as objective:
-        result = train(objective, config.train, ctx.catalog.root / WORK_DIR / "tune" / adapter, dx.steps,
-                       dx.learning_rate, autocast_dtype(ctx.parts), ctx.parts.unet.device, stop_after)
+        result = train(objective, config.train, ctx.catalog.work_dir("tune", adapter), dx.steps,
+                       dx.learning_rate, autocast_dtype(ctx.parts), ctx.parts.unet.device, stop_after,
+                       on_checkpoint=ctx.catalog.keep_work)
         if stop_after is not None and stop_after < dx.steps:
             return {"adapter_id": adapter, "interrupted_at": stop_after}
         params = {**detex_params(ctx), "token": objective.concepts.tokens[0]}

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load, save
 
 from ...catalog import Catalog
-from ...catalog.layout import MODELS_DIR, WORK_DIR
+from ...catalog.blobstore import BlobStore
+from ...catalog.layout import MODELS_DIR
 from ...catalog.schemas import JOINTSETS, MODELS
 from ...config import Config, stable_hash
 from ...models.loading import ModelParts, load_components, resolve_device
@@ -200,15 +201,17 @@ def train_joint(ctx: Context, stop_after: int | None = None) -> dict:
     catalog, config, base = ctx.catalog, ctx.config, ctx.base
     rows = current_sets(catalog, config)
     model_id = joint_model_id(config, base, rows)
-    work_dir = catalog.root / WORK_DIR / "joint" / model_id
+    work_dir = catalog.work_dir("joint", model_id)
     world = devices_for(config.joint.devices, config.train.gradient_accumulation)
     if world == 1:
         result, file_bytes = _fit(catalog, config, ctx.parts, base, rows, work_dir, stop_after)
     else:
         encode_sets(catalog, ctx.parts, rows, config.train.resolution, base)  # the ranks read the latent cache
         ctx.say(f"joint model {model_id}: {world} ranks, {config.train.gradient_accumulation} micro-batches a step")
+        store = {"uri": catalog.store.uri, "cache": str(catalog.cache)} if catalog.store else None
         run_ranks(f"{__name__}:fit_on_rank", {"catalog": str(catalog.root), "config": config.model_dump(mode="json"),
-                                              "base": base, "stop_after": stop_after}, world, work_dir, ctx.say)
+                                              "base": base, "stop_after": stop_after, "work_dir": str(work_dir),
+                                              "store": store}, world, work_dir, ctx.say)
         handed = torch.load(work_dir / RANK_RESULT, weights_only=False)
         result, file_bytes = handed["result"], handed["file_bytes"]
     if stop_after is not None and stop_after < config.joint.steps:
@@ -228,12 +231,14 @@ def fit_on_rank(spec: dict, ranks: Ranks) -> None:
     """One rank of a data-parallel joint job: its own copy of the base model on its device;
     the leader leaves the result for `train_joint`."""
     catalog, config = Catalog.open(Path(spec["catalog"])), Config.model_validate(spec["config"])
+    if spec["store"]:  # the worker's store and cache: its latent cache and checkpoints are there
+        catalog = catalog.staging(BlobStore(spec["store"]["uri"]), Path(spec["store"]["cache"]))
     device, dtype = resolve_device(config.model.device, config.model.precision)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     parts = load_components(config.model.base, catalog.root / MODELS_DIR, device, dtype)
     rows = current_sets(catalog, config)
-    work_dir = catalog.root / WORK_DIR / "joint" / joint_model_id(config, spec["base"], rows)
+    work_dir = Path(spec["work_dir"])
     result, file_bytes = _fit(catalog, config, parts, spec["base"], rows, work_dir, spec["stop_after"], ranks)
     if ranks.leader:
         torch.save({"result": result, "file_bytes": file_bytes}, work_dir / RANK_RESULT)
@@ -263,7 +268,7 @@ def _fit(catalog: Catalog, config: Config, parts: ModelParts, base: str, rows: l
     try:
         with coupled(parts.unet, config.jointsets.set_size) as objective.processor:
             result = train(objective, config.train, work_dir, cfg.steps, cfg.learning_rate, autocast,
-                           parts.unet.device, stop_after, ranks=ranks)
+                           parts.unet.device, stop_after, ranks=ranks, on_checkpoint=catalog.keep_work)
         if stop_after is not None and stop_after < cfg.steps:
             return result, None
         file_bytes = (lora_file_bytes(parts.unet, JEDI) if cfg.weights == "lora"

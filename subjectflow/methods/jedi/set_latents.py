@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...catalog import Catalog
-from ...catalog.layout import WORK_DIR
 from ...config import stable_hash
 from ...jointsets import read_sets
 from ...models.loading import ModelParts
@@ -53,7 +52,7 @@ def embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]
 
 
 def latent_cache(catalog: Catalog, base: str, resolution: int) -> Path:
-    return catalog.root / WORK_DIR / "set-latents" / stable_hash([base, resolution])
+    return catalog.work_dir("set-latents", stable_hash([base, resolution]))
 
 
 def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict], resolution: int, base: str) -> EncodedSets:

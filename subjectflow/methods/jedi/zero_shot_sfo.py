@@ -9,7 +9,6 @@ import json
 import torch
 
 from ...catalog import Catalog
-from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import MODELS
 from ...config import Config, stable_hash
 from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
@@ -100,8 +99,9 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
                                  config.sfo.beta, config.sfo.batch_size or config.train.batch_size, adapter_name=SFO_ADAPTER,
                                  context_latents=file_latents(parts, catalog, contexts, resolution))
         with coupled(parts.unet, 2):
-            result = train(objective, config.train, catalog.root / WORK_DIR / "joint" / model_id, config.sfo.steps,
-                           config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+            result = train(objective, config.train, catalog.work_dir("joint", model_id), config.sfo.steps,
+                           config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after,
+                           on_checkpoint=catalog.keep_work)
         if stop_after is not None and stop_after < config.sfo.steps:
             return {"model_id": model_id, "interrupted_at": stop_after}
         row = {"model_id": model_id, "method": SFO_JOINT, "weights": "lora", "base_model": base,

@@ -18,7 +18,6 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config
 from ...ingest.photo import encode_png
@@ -76,8 +75,9 @@ def train_oneactor(ctx: Context, subject: Subject, stop_after: int | None = None
         objective = OneActorObjective(parts.unet, parts.noise_scheduler, projector, target_latents, target_h,
                                       aux_latents, aux_h, embeds, positions, oa.aux_per_step, oa.aux_weight,
                                       oa.average_weight)
-        result = train(objective, train_cfg, catalog.root / WORK_DIR / "tune" / adapter, oa.steps,
-                       oa.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+        result = train(objective, train_cfg, catalog.work_dir("tune", adapter), oa.steps,
+                       oa.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after,
+                       on_checkpoint=catalog.keep_work)
     if stop_after is not None and stop_after < oa.steps:
         return {"adapter_id": adapter, "interrupted_at": stop_after}
     recorded = {**params, "target_timestep": last_timestep(scheduler, oa.cluster_steps)}

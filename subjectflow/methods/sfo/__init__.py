@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-from ...catalog.layout import WORK_DIR
 from ...catalog.schemas import ADAPTERS
 from ...config import Config, stable_hash
 from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
@@ -47,8 +46,9 @@ def train_sfo(ctx: Context, subject: Subject, sft_adapter: dict, negatives: list
                                                    config.train.seed) as trainable:
         objective = SfoObjective(parts.unet, parts.noise_scheduler, positives, negative_latents, embeds, trainable,
                                  config.sfo.beta, config.sfo.batch_size or config.train.batch_size)
-        result = train(objective, config.train, catalog.root / WORK_DIR / "tune" / adapter, config.sfo.steps,
-                       config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after)
+        result = train(objective, config.train, catalog.work_dir("tune", adapter), config.sfo.steps,
+                       config.sfo.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after,
+                       on_checkpoint=catalog.keep_work)
         if stop_after is not None and stop_after < config.sfo.steps:
             return {"adapter_id": adapter, "interrupted_at": stop_after}
         row = {"adapter_id": adapter, "subject_id": subject.subject_id, "method": NAME, "base_model": ctx.base,
