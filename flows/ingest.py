@@ -35,18 +35,21 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
 
     size = config.ingest.batch_size
     batches = [plan.todo[start:start + size] for start in range(0, len(plan.todo), size)]
+    store = ""
     if config.execution.engine == "local":  # a batch at a time, over this machine's worker processes
         done = (process_photos_task(batch, root, config.ingest) for batch in batches)
     else:  # a task per batch, one process each: the engine spreads them over every worker
         one_process = config.ingest.model_copy(update={"workers": 1})
-        done = (f.result() for f in process_photos_task.map(batches, unmapped(root), unmapped(one_process)))
+        store = config.execution.blob_store
+        done = (f.result() for f in process_photos_task.map(batches, unmapped(root), unmapped(one_process),
+                                                            unmapped(store)))
     results = []
     with tqdm(total=len(plan.todo), desc="ingest", unit="photo", disable=None) as progress:
         for batch, batch_results in zip(batches, done):
             results += batch_results
             progress.update(len(batch))
 
-    report = record_ingest_task(root, listing, plan, results, config.ingest)
+    report = record_ingest_task(root, listing, plan, results, config.ingest, store)
     get_run_logger().info(report.summary())
     version = version_run(root, report.summary(), config.versioning) if report.changed else None
     return IngestRun(report, version)

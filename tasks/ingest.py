@@ -46,13 +46,15 @@ def _batch_key(context: TaskRunContext, parameters: dict) -> str:
 
 
 @task(name="process-photos", cache_key_fn=_batch_key, cache_expiration=timedelta(hours=12), persist_result=True)
-def process_photos_task(photos: list[SourceFile], catalog_root: Path, config: IngestConfig) -> list[PhotoResult]:
-    return list(process_photos(photos, catalog_root, config))
+def process_photos_task(photos: list[SourceFile], catalog_root: Path, config: IngestConfig,
+                        store: str = "") -> list[PhotoResult]:
+    return list(process_photos(photos, catalog_root, config, store))
 
 
 @task(name="record-ingest")
 def record_ingest_task(
-    catalog_root: Path, listing: Listing, plan: IngestPlan, results: list[PhotoResult], config: IngestConfig
+    catalog_root: Path, listing: Listing, plan: IngestPlan, results: list[PhotoResult], config: IngestConfig,
+    store: str = "",
 ) -> IngestReport:
-    results = with_blobs_present(results, catalog_root, config)
+    results = with_blobs_present(results, catalog_root, config, store)
     return record_ingest(Catalog.open(catalog_root), listing, plan, results, config.settings_hash())

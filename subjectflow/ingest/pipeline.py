@@ -26,6 +26,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ..catalog import Catalog
+from ..catalog.blobstore import BlobStore
 from ..catalog.schemas import IMAGES, QUARANTINE, SOURCE_FILES, SUBJECTS
 from ..catalog.store import utcnow
 from ..config import IngestConfig
@@ -106,8 +107,9 @@ def plan_ingest(listing: Listing, catalog: Catalog, settings: str) -> IngestPlan
 
 # -- process -----------------------------------------------------------------------
 
-def process_photo(photo: SourceFile, catalog_root: Path, config: IngestConfig) -> PhotoResult:
-    """Everything one photo needs, start to finish. Runs in a worker process."""
+def process_photo(photo: SourceFile, catalog_root: Path, config: IngestConfig, store: str = "") -> PhotoResult:
+    """Everything one photo needs, start to finish. Runs in a worker process; its blobs go
+    to the catalog folder, or to the engine workers' blob `store` (execution.blob_store)."""
     try:
         data = read_bytes(photo.uri)
     except Exception as exc:  # noqa: BLE001 - any read failure is reported, never fatal
@@ -122,7 +124,7 @@ def process_photo(photo: SourceFile, catalog_root: Path, config: IngestConfig) -
     except MemoryError:
         return PhotoResult(photo, sha, "image too large to decode in memory; lower its size or ingest.max_pixels", None)
 
-    catalog = Catalog(catalog_root)
+    catalog = Catalog(catalog_root).staging(BlobStore(store)) if store else Catalog(catalog_root)
     mask, coverage = subject_mask(photo_out.image, config.mask)
     thumbnail = photo_out.image.resize((config.thumbnail_side,) * 2, Image.Resampling.BICUBIC)
     image = {
@@ -162,9 +164,10 @@ def worker_pool(workers: int) -> Executor:
     return pool
 
 
-def process_photos(photos: list[SourceFile], catalog_root: Path, config: IngestConfig) -> Iterator[PhotoResult]:
+def process_photos(photos: list[SourceFile], catalog_root: Path, config: IngestConfig,
+                   store: str = "") -> Iterator[PhotoResult]:
     """Yield results in input order, in worker processes when there is more than one."""
-    work = functools.partial(process_photo, catalog_root=catalog_root, config=config)
+    work = functools.partial(process_photo, catalog_root=catalog_root, config=config, store=store)
     workers = min(_worker_count(config), len(photos))
     if workers <= 1:
         yield from map(work, photos)
@@ -271,14 +274,18 @@ def _refresh_subjects(catalog: Catalog, listing: Listing, now) -> None:
 
 
 
-def with_blobs_present(results: list[PhotoResult], catalog_root: Path, config: IngestConfig) -> list[PhotoResult]:
-    """Results whose blobs are all on disk, re-processing any that are not.
+def with_blobs_present(results: list[PhotoResult], catalog_root: Path, config: IngestConfig,
+                       store: str = "") -> list[PhotoResult]:
+    """Results whose blobs are all on disk, copied in from the engine workers' blob `store`
+    (execution.blob_store) or else re-processed.
 
     Cached results (e.g. from Prefect's task cache) outlive the files they point at
     when a catalog is checked out at an older version; never record a dangling path.
     """
-    return [
-        next(process_photos([r.file], catalog_root, config))
-        if any(not (catalog_root / p).exists() for p in r.blob_paths()) else r
-        for r in results
-    ]
+    blobs = BlobStore(store) if store else None
+
+    def present(result: PhotoResult) -> bool:
+        missing = [p for p in result.blob_paths() if not (catalog_root / p).exists()]
+        return all(blobs is not None and blobs.fetch(p, catalog_root / p) for p in missing)
+
+    return [r if present(r) else next(process_photos([r.file], catalog_root, config)) for r in results]

@@ -99,21 +99,28 @@ def _rows(catalog, table: str) -> list[dict]:
     return sorted(rows, key=lambda row: sorted(row.items()))
 
 
-def test_ingest_batches_spread_over_the_workers_and_record_the_local_engines_tables(tmp_path, cluster):
+def test_ingest_batches_spread_over_the_workers_put_blobs_on_s3_and_record_the_local_engines_tables(tmp_path, cluster):
     from flows.ingest import ingest_flow
     from subjectflow.catalog import init_catalog
     from tests.photos import photo_set
 
     source = str(photo_set(tmp_path / "src", subjects=SUBJECTS, per_subject=2))
     batches = {"batch_size": 2}
+    s3_client().create_bucket(Bucket="ingest-blobs")
+    store = BlobStore("s3://ingest-blobs/nightly")
     on_dask = init_catalog(tmp_path / "dask", tiny_config())
-    config = tiny_config(ingest=batches, execution={"engine": "dask", "address": cluster.scheduler_address})
+    config = tiny_config(ingest=batches, execution={"engine": "dask", "address": cluster.scheduler_address,
+                                                    "blob_store": store.uri})
     with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
         with engine(config) as placed:
             run = on_engine(ingest_flow, placed)(source, str(on_dask.root), placed)
     assert run.report.balanced and run.report.ingested == 2 * len(SUBJECTS)
     # CPU work asks for no GPU: both workers took batches, several at once
     assert len({t["worker"] for t in stream.data if t["key"].startswith("process_photos_task")}) == 2
+    # the workers put every photo's blobs to S3, and the catalog holds them before its rows name them
+    normalised = [row["normalised_file"] for row in on_dask.read("images").to_pylist()]
+    assert sorted(f.removeprefix("blobs/normalised/") for f in normalised) == store.names("blobs/normalised")
+    assert all((on_dask.root / f).is_file() for f in normalised)
 
     local = init_catalog(tmp_path / "local", tiny_config())
     ingest_flow(source, str(local.root), tiny_config(ingest=batches))
