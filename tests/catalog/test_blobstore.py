@@ -74,3 +74,20 @@ def test_an_unreachable_store_is_one_line_naming_it_and_what_to_check(catalog, s
     with pytest.raises(CatalogError, match=r"cannot put s3://no-such-bucket/x/blobs/samples/.*NoSuchBucket.*"
                                            r"check execution.blob_store"):
         worker.put_blob("samples", b"x", ".png")
+
+
+def test_photo_blobs_made_on_the_store_are_copied_in_not_remade_before_ingest_records_them(catalog, store, tmp_path,
+                                                                                          monkeypatch):
+    from subjectflow.config import IngestConfig
+    from subjectflow.ingest import list_source, pipeline, plan_ingest
+    from tests.photos import photo_set
+
+    config = IngestConfig(workers=1, resolution=64, thumbnail_size=32, mask={"size": 32})
+    plan = plan_ingest(list_source(str(photo_set(tmp_path / "src", per_subject=1))), catalog, config.settings_hash())
+    results = list(pipeline.process_photos(plan.todo, catalog.root, config, store.uri))
+    blobs = [path for result in results for path in result.blob_paths()]
+    assert len(blobs) == 4 * len(results) and not any((catalog.root / path).exists() for path in blobs)
+
+    monkeypatch.setattr(pipeline, "process_photos", lambda *a, **k: pytest.fail("a photo was processed again"))
+    assert pipeline.with_blobs_present(results, catalog.root, config, store.uri) == results
+    assert all((catalog.root / path).is_file() for path in blobs)
