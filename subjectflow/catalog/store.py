@@ -284,10 +284,12 @@ class Catalog:
             return rel
         if self.store is None:
             atomic_write_bytes(self.root / rel, data)
-        elif not (self.cache / rel).exists():
+            return rel
+        if not (self.cache / rel).exists():  # a copy here was put to (or read from) the store first
             self.store.put(rel, data)
             atomic_write_bytes(self.cache / rel, data)
-            self.made.append(rel)
+        # Listed even when another task here put it: that task's rows may never be committed.
+        self.made.append(rel)
         return rel
 
     def blob_path(self, rel: str) -> Path:

@@ -34,6 +34,11 @@ def test_a_workers_blobs_go_to_the_store_and_reach_the_catalog_folder_before_the
     elsewhere = catalog.staging(store, cache=catalog.root.parent / "other-worker")
     assert elsewhere.blob_path(rel).read_bytes() == b"png bytes"  # another process reads the store
 
+    # a later task in the same process making the same bytes lists them too: the first
+    # task's rows may never be committed, and then only the second one's copy brings them in
+    again = catalog.staging(store)
+    assert again.put_blob("samples", b"png bytes", ".png") == rel and again.made == [rel]
+
     catalog.commit([worker.staged], worker.made, store)
     assert (catalog.root / rel).read_bytes() == b"png bytes"
     assert catalog.read("samples").column("file").to_pylist() == [rel]
