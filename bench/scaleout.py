@@ -10,6 +10,8 @@ process so that workers do not fight over the cores:
                    against the local engine, run side by side.
   model loads      base-model loads in one full `catalog-refresh`, resident models off
                    (the behaviour before models/resident.py) and on.
+  blob store       subjects/s of the same tuning on 2 Dask GPUs with workers' blobs and
+                   checkpoints in the catalog folder, then on an S3 store (moto on 127.0.0.1).
   task payload     bytes a cluster task carries: Prefect's serialized run context (which
                    holds the flow's parameters) and a tune task's own arguments, for a
                    flow given no subject list (the nightly refresh) and 1,000 or 10,000 names.
@@ -48,6 +50,7 @@ from flows.tune import tune_flow  # noqa: E402
 from subjectflow.catalog import init_catalog  # noqa: E402
 from subjectflow.config import Config, load_config  # noqa: E402
 from subjectflow.models import resident  # noqa: E402
+from subjectflow.s3 import s3_client  # noqa: E402
 from subjectflow.training import artefacts  # noqa: E402
 
 
@@ -62,9 +65,9 @@ def fresh_catalog(work: Path, subjects: int, config: Config) -> str:
 ENGINES = ("dask", "ray")
 
 
-def on(config: Config, name: str, address: str = "") -> Config:
+def on(config: Config, name: str, address: str = "", blob_store: str = "") -> Config:
     return config.model_copy(update={"execution": config.execution.model_copy(
-        update={"engine": name, "address": address})})
+        update={"engine": name, "address": address, "blob_store": blob_store})})
 
 
 @contextlib.contextmanager
@@ -144,6 +147,43 @@ def model_loads(work: Path, config: Config, subjects: int) -> dict:
     return loads
 
 
+@contextlib.contextmanager
+def s3_bucket(name: str):
+    """An S3 bucket on moto's HTTP server on 127.0.0.1 (what the tests use): no network in
+    between, so what is measured is the store's own cost (requests, copies, the flow's copy-in)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://{host}:{port}")  # before the cluster: workers inherit it
+    s3_client.cache_clear()
+    s3_client().create_bucket(Bucket=name)
+    try:
+        yield f"s3://{name}/blobs"
+    finally:
+        server.stop()
+
+
+def blob_store(work: Path, config: Config, subjects: int) -> dict:
+    """Tuning subjects/s on 2 Dask GPUs, blobs and checkpoints in the catalog folder and on
+    S3, with a checkpoint every step (the store's worst case) and every 10 steps."""
+    rates = {}
+    with s3_bucket("bench") as uri:
+        for every in (1, 10):
+            checkpointing = config.model_copy(update={"train": config.train.model_copy(update={"checkpoint_every": every})})
+            for label, store in (("catalog folder", ""), ("S3 store", uri)):
+                root = fresh_catalog(work / f"store-{every}-{'s3' if store else 'folder'}", subjects, checkpointing)
+                with cluster("dask", 2) as address:
+                    seconds, n = timed_tune(root, on(checkpointing, "dask", address, store))
+                rates[f"{label}, checkpoint every {every}"] = n / seconds
+    return rates
+
+
 @task
 def _noop(root: str, subject: str, method: str, config: Config) -> None:
     pass
@@ -163,7 +203,7 @@ def payload(config: Config) -> dict:
     return sizes
 
 
-PARTS = ("overhead", "tuning", "model_loads", "payload")
+PARTS = ("overhead", "tuning", "model_loads", "payload", "blob_store")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     measures = {"overhead": lambda: overhead(args.out, config),
                 "tuning": lambda: tuning(args.out, config, args.subjects),
                 "model_loads": lambda: model_loads(args.out, config, min(args.subjects, 6)),
-                "payload": lambda: payload(config)}
+                "payload": lambda: payload(config),
+                "blob_store": lambda: blob_store(args.out, config, args.subjects)}
     with prefect_api():  # one Prefect server for this process and every worker
         results = {part: measures[part]() for part in args.parts}
     if "overhead" in results:
@@ -200,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         for count, sizes in results["payload"].items():
             print(f"  flow given {count or 'no'} subject names: context {sizes['context_bytes'] / 1e3:.1f} KB, "
                   f"task {sizes['task_bytes'] / 1e3:.1f} KB")
+    if "blob_store" in results:
+        print(f"tuning {args.subjects} subjects on 2 Dask GPUs, by where workers put blobs (subjects/s, x folder)")
+        for label, rate in results["blob_store"].items():
+            folder = results["blob_store"][label.replace("S3 store", "catalog folder")]
+            print(f"  {label:<36} {rate:6.2f}  {rate / folder:5.2f}x")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
