@@ -42,6 +42,7 @@ from distributed import LocalCluster  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.context import serialize_context  # noqa: E402
 
+from bench.local_s3 import local_s3  # noqa: E402
 from bench.refresh import TINY, write_source  # noqa: E402
 from flows.engine import MODEL_RESOURCE, engine, on_engine, prefect_api  # noqa: E402
 from flows.ingest import ingest_flow  # noqa: E402
@@ -151,22 +152,9 @@ def model_loads(work: Path, config: Config, subjects: int) -> dict:
 def s3_bucket(name: str):
     """An S3 bucket on moto's HTTP server on 127.0.0.1 (what the tests use): no network in
     between, so what is measured is the store's own cost (requests, copies, the flow's copy-in)."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://{host}:{port}")  # before the cluster: workers inherit it
-    s3_client.cache_clear()
-    s3_client().create_bucket(Bucket=name)
-    try:
+    with local_s3():  # before the cluster starts: its workers inherit the endpoint
+        s3_client().create_bucket(Bucket=name)
         yield f"s3://{name}/blobs"
-    finally:
-        server.stop()
 
 
 def blob_store(work: Path, config: Config, subjects: int) -> dict:

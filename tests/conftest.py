@@ -69,25 +69,10 @@ def prefect_console_follows_capture():
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real HTTP S3 endpoint; boto3 and DVC's s3fs both reach it via AWS_ENDPOINT_URL."""
-    from moto.server import ThreadedMotoServer
+    from bench.local_s3 import local_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    from subjectflow.s3 import s3_client
-
-    s3_client.cache_clear()
-    yield f"http://{host}:{port}"
-    s3_client.cache_clear()
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with local_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
