@@ -182,9 +182,9 @@ def cmd_jointsets(args: argparse.Namespace) -> int:
     from flows.joint import jointsets_flow
 
     catalog, config = _config(args)
-    run = jointsets_flow(str(catalog.root), args.subject or None, config)
-    print(run.report.summary())
-    return 0
+    run = _on_engine(jointsets_flow, config, str(catalog.root), args.subject or None)
+    print(run.summary())
+    return 1 if run.failures else 0
 
 
 def _with_steps(catalog: Catalog, args: argparse.Namespace, settings: list[str]) -> Any:

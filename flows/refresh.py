@@ -93,6 +93,8 @@ def _account_jointsets(record: RunRecord, run) -> None:
     for subject, made in run.report.made.items():
         (record.ran if made else record.reused).append(
             f"{subject}: {made or run.report.reused[subject]} joint sets")
+    for label, why in run.failures.items():
+        record.failed(f"jointsets {label}", why)
 
 
 def _account_evaluate(record: RunRecord, run) -> None:
@@ -128,7 +130,7 @@ def catalog_refresh(catalog: str = "catalog", source: str | None = None, config:
         _stage(record, "ingest",
                lambda: on_engine(ingest_flow, placed)(source or configured_source(opened, config), root, placed),
                lambda run: _account_ingest(record, run))
-        _stage(record, "jointsets", lambda: jointsets_flow(root, None, staged),
+        _stage(record, "jointsets", lambda: on_engine(jointsets_flow, placed)(root, None, placed),
                lambda run: _account_jointsets(record, run))
         for method in registry.targets(config, config.evaluate.methods):
             _stage(record, f"tune {method}", lambda m=method: on_engine(tune_flow, placed)(root, m, subjects, placed),

@@ -208,6 +208,7 @@ class JointSetsConfig(_Section):
     sets_per_subject: int = Field(8, ge=1)
     resolution: Resolution = AUTO
     shard_rows: int = Field(512, ge=1)  # members per Parquet shard: the streaming unit
+    subjects_per_task: int = Field(16, ge=1)  # under an engine: subjects a worker's task builds
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticSetsConfig = SyntheticSetsConfig()

@@ -25,11 +25,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from subjectflow.catalog import Catalog
 from subjectflow.catalog.blobstore import BlobStore
 from subjectflow.config import Config
-from subjectflow.jointsets import JointSetsReport, build_jointsets
 from subjectflow.methods import registry
 from subjectflow.methods.base import Context
 from subjectflow.methods.registry import TuneOutcome
-from subjectflow.training.artefacts import at_model_resolution, open_model
 
 GPU_LIMIT = "subjectflow-gpu"
 SLOT_TIMEOUT_S = 6 * 3600  # longer than any one subject's tuning; then fail, never hang
@@ -135,23 +133,31 @@ def _on_engine_worker() -> bool:
     return False
 
 
-def method_context(catalog_root: Path, config: Config) -> Context:
-    """The catalog, config and base model id, with the model loaded only when work needs it;
-    used as `with`, so a borrowed resident model goes back when the task ends. On an engine
-    worker the catalog is a staging copy (`Catalog.staging`) on the run's blob store."""
+def worker_catalog(catalog_root: Path, config: Config) -> Catalog:
+    """The catalog a task works on: on an engine worker a staging copy (`Catalog.staging`)
+    on the run's blob store, so that only the flow writes tables."""
     catalog = Catalog.open(catalog_root)
     if _on_engine_worker():
         uri = config.execution.blob_store
         catalog = catalog.staging(BlobStore(uri) if uri else None)
-    return Context.open(catalog, config, say=get_run_logger().info)
+    return catalog
 
 
-def handed_back(ctx: Context, value: Any) -> Any:
-    """A task's result, with its staged rows when it ran on an engine worker."""
-    catalog = ctx.catalog
+def method_context(catalog_root: Path, config: Config) -> Context:
+    """The catalog, config and base model id, with the model loaded only when work needs it;
+    used as `with`, so a borrowed resident model goes back when the task ends."""
+    return Context.open(worker_catalog(catalog_root, config), config, say=get_run_logger().info)
+
+
+def staged_result(catalog: Catalog, value: Any) -> Any:
+    """A task's result, with its staged rows and blobs when it ran on an engine worker."""
     if catalog.staged is None:
         return value
     return Staged(value, catalog.staged, catalog.made, catalog.store.uri if catalog.store else "")
+
+
+def handed_back(ctx: Context, value: Any) -> Any:
+    return staged_result(ctx.catalog, value)
 
 
 @task(name="plan-tuning")
@@ -183,19 +189,6 @@ def learn_task(catalog_root: Path, name: str, sources: list[str], config: Config
     """The named concept set from its sources (reused when already learned)."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
         return handed_back(ctx, registry.learn(ctx, name, sources))
-
-
-@task(name="build-jointsets")
-def jointsets_task(catalog_root: Path, config: Config, subjects: list[str] | None = None) -> JointSetsReport:
-    catalog = Catalog.open(catalog_root)
-    config = at_model_resolution(catalog, config)
-    extra = None
-    if config.jointsets.synthetic.enabled:
-        from subjectflow.jointsets.synthetic import synthetic_planner
-
-        parts, base = open_model(catalog, config)
-        extra = synthetic_planner(parts, base, config)
-    return build_jointsets(catalog, config.jointsets, subjects, extra, say=get_run_logger().info)
 
 
 @task(name="generate-samples", task_run_name="generate-{subject}-{method}")

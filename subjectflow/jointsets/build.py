@@ -7,6 +7,10 @@ the set has members; each member gets its own augmentation. Every subject gets t
 number of sets whatever its photo count, so subjects with many photos do not dominate
 training. Plans are seeded by the subject's photos, so an unchanged subject plans the
 same set ids and is skipped, and a new photo re-plans only its own subject.
+
+Making sets (`make_jointsets`: planning, rendering, shards) is separate from recording
+them (`record_jointsets`: one locked write), so an engine spreads batches of subjects
+over its workers; a shard then packs only its own batch's sets.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ class JointSetsReport:
 
 
 def builder_id(config: JointSetsConfig) -> str:
-    """Everything that shapes a set's pixels (shard size only changes how they are packed)."""
-    return stable_hash(config.model_dump(exclude={"shard_rows"}))
+    """Everything that shapes a set's pixels (shard size and batching only change how they
+    are packed)."""
+    return stable_hash(config.model_dump(exclude={"shard_rows", "subjects_per_task"}))
 
 
 def caption(class_name: str, augmentation: Augmentation) -> str:
@@ -112,9 +117,19 @@ def _photo_renderer(catalog: Catalog, photo: dict, augmentation: Augmentation, r
 Planner = Callable[[Catalog, Subject, JointSetsConfig], tuple[list[PlannedSet], int]]
 
 
-def build_jointsets(catalog: Catalog, config: JointSetsConfig, subjects: list[str] | None = None,
-                    extra: Planner | None = None, say: Callable[[str], None] = print) -> JointSetsReport:
-    """Make the planned sets that do not exist yet and drop the stale ones.
+@dataclass
+class JointSetsBatch:
+    """Some subjects' new sets, made on any worker: their shards are blobs already, their
+    rows wait for `record_jointsets` (workers never write tables)."""
+
+    report: JointSetsReport
+    wanted: dict[str, list[str]]  # subject_id -> the set ids of its current plan
+    rows: list[dict]  # the new sets' member rows
+
+
+def make_jointsets(catalog: Catalog, config: JointSetsConfig, subjects: list[str] | None = None,
+                   extra: Planner | None = None, say: Callable[[str], None] = print) -> JointSetsBatch:
+    """Plan the subjects' sets and make the shards of those that do not exist yet.
 
     `extra` plans more sets per subject (synthetic ones; see `synthetic.py`) and returns
     them with how many candidates it rejected.
@@ -145,12 +160,30 @@ def build_jointsets(catalog: Catalog, config: JointSetsConfig, subjects: list[st
              "origin": m.origin, "image_id": m.image_id, "augmentation": json.dumps(m.augmentation, sort_keys=True),
              "caption": m.caption, "shard": shard_of[s.set_id], "builder": builder_id(config), "created_at": now}
             for s in todo for i, m in enumerate(s.members)]
-    wanted = {s.set_id for sets in planned.values() for s in sets}
+    return JointSetsBatch(report, {subject: [s.set_id for s in sets] for subject, sets in planned.items()}, rows)
+
+
+def record_jointsets(catalog: Catalog, batches: list[JointSetsBatch]) -> JointSetsReport:
+    """The batches' new rows, and their subjects' stale sets dropped, in one locked write."""
+    report = JointSetsReport()
+    wanted: dict[str, set[str]] = {}
+    for batch in batches:
+        report.made |= batch.report.made
+        report.reused |= batch.report.reused
+        report.discarded |= batch.report.discarded
+        wanted |= {subject: set(ids) for subject, ids in batch.wanted.items()}
+    rows = [row for batch in batches for row in batch.rows]
     with catalog.writer():
-        current = catalog.read(JOINTSETS.name)
+        current = catalog.read(JOINTSETS.name).to_pylist()
         # Rebuilt subjects keep only their current plan; subjects not asked about are untouched.
-        keep = [r for r in current.to_pylist() if r["subject_id"] not in planned or r["set_id"] in wanted]
-        report.removed = len({r["set_id"] for r in current.to_pylist()} - {r["set_id"] for r in keep})
+        keep = [r for r in current if r["subject_id"] not in wanted or r["set_id"] in wanted[r["subject_id"]]]
+        report.removed = len({r["set_id"] for r in current} - {r["set_id"] for r in keep})
         if rows or report.removed:
             catalog.write(JOINTSETS.name, pa.Table.from_pylist(keep + rows, schema=JOINTSETS.schema))
     return report
+
+
+def build_jointsets(catalog: Catalog, config: JointSetsConfig, subjects: list[str] | None = None,
+                    extra: Planner | None = None, say: Callable[[str], None] = print) -> JointSetsReport:
+    """Make the planned sets that do not exist yet and drop the stale ones, in this process."""
+    return record_jointsets(catalog, [make_jointsets(catalog, config, subjects, extra, say)])

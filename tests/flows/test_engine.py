@@ -14,6 +14,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.engine import MODEL_RESOURCE, engine, on_engine
 from flows.evaluate import evaluate_flow
+from flows.joint import jointsets_flow
 from flows.tune import tune_flow, wait_all
 from subjectflow.catalog.blobstore import BlobStore
 from subjectflow.config import ConfigError
@@ -94,12 +95,21 @@ def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_
         assert all(next_start > stop - 0.5 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
 
 
-def _rows(catalog, table: str) -> list[dict]:
-    rows = [{k: v for k, v in row.items() if not k.endswith("_at")} for row in catalog.read(table).to_pylist()]
+def _rows(catalog, table: str, but: str = "") -> list[dict]:
+    rows = [{k: v for k, v in row.items() if not k.endswith("_at") and k != but}
+            for row in catalog.read(table).to_pylist()]
     return sorted(rows, key=lambda row: sorted(row.items()))
 
 
-def test_ingest_batches_spread_over_the_workers_put_blobs_on_s3_and_record_the_local_engines_tables(tmp_path, cluster):
+def _set_pixels(catalog) -> dict[str, list[bytes]]:
+    from subjectflow.jointsets import read_sets
+
+    shards = sorted({row["shard"] for row in catalog.read("jointsets").to_pylist()})
+    return {s.set_id: [image.tobytes() for image in s.images] for s in read_sets(catalog, shards)}
+
+
+def test_ingest_and_jointset_batches_spread_over_the_workers_put_blobs_on_s3_and_make_the_local_engines_tables(
+        tmp_path, cluster):
     from flows.ingest import ingest_flow
     from subjectflow.catalog import init_catalog
     from tests.photos import photo_set
@@ -126,6 +136,21 @@ def test_ingest_batches_spread_over_the_workers_put_blobs_on_s3_and_record_the_l
     ingest_flow(source, str(local.root), tiny_config(ingest=batches))
     for table in ("images", "subjects", "quarantine"):
         assert _rows(on_dask, table) == _rows(local, table), table
+
+    # Joint sets from those photos: a task per subject over both workers, shards through the store.
+    sets = {"jointsets": {"subjects_per_task": 1, "sets_per_subject": 2}}
+    with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
+        with engine(tiny_config(**sets, execution=config.execution.model_dump())) as placed:
+            joint = on_engine(jointsets_flow, placed)(str(on_dask.root), None, placed)
+    assert not joint.failures and sum(joint.report.made.values()) == 2 * len(SUBJECTS)
+    assert len({t["worker"] for t in stream.data if t["key"].startswith("make_jointsets_task")}) == 2
+    shards = {row["shard"] for row in on_dask.read("jointsets").to_pylist()}
+    assert sorted(f.removeprefix("blobs/jointsets/") for f in shards) == store.names("blobs/jointsets")
+    assert all((on_dask.root / f).is_file() for f in shards)
+    jointsets_flow(str(local.root), None, tiny_config(**sets))
+    # the same sets, member for member and pixel for pixel; only their packing into shards differs
+    assert _rows(on_dask, "jointsets", but="shard") == _rows(local, "jointsets", but="shard")
+    assert _set_pixels(on_dask) == _set_pixels(local)
 
 
 class _RecordStoreReads(WorkerPlugin):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from subjectflow.config import AugmentConfig
-from subjectflow.jointsets import build_jointsets, read_sets
+from subjectflow.jointsets import build_jointsets, make_jointsets, read_sets, record_jointsets
 from subjectflow.jointsets.augment import Augmentation, apply_augmentation, draw_augmentation
 from tests.ingest.helpers import ingest
 from tests.photos import photo_set
@@ -41,6 +41,30 @@ def test_sets_are_balanced_within_and_across_subjects(tmp_path):
     for subject in ("red_mug", "blue_box"):
         uses = collections.Counter(r["image_id"] for r in rows if r["subject_id"] == subject)
         assert len(uses) == 4 and max(uses.values()) - min(uses.values()) <= 1  # 15 draws over 4 photos
+
+
+def _members(catalog) -> list[tuple]:
+    return sorted((r["set_id"], r["member"], r["image_id"], r["augmentation"]) for r in catalog.read("jointsets").to_pylist())
+
+
+def test_batches_made_apart_on_workers_and_recorded_together_equal_one_build(tmp_path):
+    subjects = ("red_mug", "blue_box")
+    apart = ingested_catalog(tmp_path / "apart", subjects=subjects, per_subject=2)
+    whole = ingested_catalog(tmp_path / "whole", subjects=subjects, per_subject=2)
+    batches = [make_jointsets(apart.staging(), config(), [name], say=lambda _: None) for name in subjects]
+    assert apart.read("jointsets").num_rows == 0  # a worker's batch writes shards, never the table
+    report = record_jointsets(apart, batches)
+    assert report.made == build_jointsets(whole, config(), say=lambda _: None).made == {"red_mug": 5, "blue_box": 5}
+    assert _members(apart) == _members(whole) and len(_members(whole)) == 30
+
+    # New settings (so new set ids): each batch re-plans only its own subject, and the one
+    # record drops both subjects' stale sets.
+    fewer = [make_jointsets(apart.staging(), config(sets_per_subject=2), [name], say=lambda _: None)
+             for name in subjects]
+    again = record_jointsets(apart, fewer)
+    assert again.removed == 10 and again.made == {"red_mug": 2, "blue_box": 2}
+    build_jointsets(whole, config(sets_per_subject=2), say=lambda _: None)
+    assert _members(apart) == _members(whole) and len(_members(whole)) == 12
 
 
 def test_every_member_records_its_provenance_and_can_be_rebuilt_from_it(tmp_path):
