@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python bench/refine.py
 	$(BIN)/python bench/refresh.py --sizes 10 100
 	$(BIN)/python -m bench.scaleout
+	$(BIN)/python bench/tables.py
 	$(BIN)/python -m bench.versioning --sizes 100 1000
 
 clean-demo:

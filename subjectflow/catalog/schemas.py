@@ -24,6 +24,10 @@ class TableSpec:
     # Nullable columns added after version 1, with the version that added them: a table
     # written by an older release reads with these as nulls, so catalogs upgrade in place.
     added: tuple[tuple[str, int], ...] = ()
+    # A table that grows with the catalog is stored in partitions by this column (tables.py).
+    # Every row of one key has the same value of it (ids hash their subject's inputs), and
+    # one task's rows share it, so a commit rewrites only the partitions its tasks touched.
+    partition_by: str | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -50,6 +54,7 @@ SUBJECTS = TableSpec(
 IMAGES = TableSpec(
     "images",
     version=1,
+    partition_by="subject_id",
     key=("image_id",),
     fields=(
         pa.field("image_id", pa.string(), nullable=False),  # sha256 of the original bytes
@@ -111,6 +116,7 @@ SOURCE_FILES = TableSpec(
 NEGATIVES = TableSpec(
     "negatives",
     version=1,
+    partition_by="subject_id",
     key=("negative_id",),
     fields=(
         pa.field("negative_id", pa.string(), nullable=False),  # hash of everything below but file
@@ -134,6 +140,7 @@ NEGATIVES = TableSpec(
 ADAPTERS = TableSpec(
     "adapters",
     version=1,
+    partition_by="subject_id",
     key=("adapter_id",),
     fields=(
         pa.field("adapter_id", pa.string(), nullable=False),  # hash of method, subject, params, inputs
@@ -155,6 +162,7 @@ ADAPTERS = TableSpec(
 TRAIN_LOG = TableSpec(
     "train_log",
     version=1,
+    partition_by="adapter_id",
     key=("adapter_id", "step", "metric"),
     fields=(
         pa.field("adapter_id", pa.string(), nullable=False),  # an adapter_id, or a `models` model_id
@@ -167,6 +175,7 @@ TRAIN_LOG = TableSpec(
 SAMPLES = TableSpec(
     "samples",
     version=2,
+    partition_by="subject_id",
     key=("sample_id",),
     fields=(
         pa.field("sample_id", pa.string(), nullable=False),
@@ -193,6 +202,7 @@ SAMPLES = TableSpec(
 JOINTSETS = TableSpec(
     "jointsets",
     version=1,
+    partition_by="subject_id",
     key=("set_id", "member"),
     fields=(
         pa.field("set_id", pa.string(), nullable=False),  # hash of its members' provenance
@@ -314,6 +324,7 @@ CONCEPT_SCORES = TableSpec(
 METRICS = TableSpec(
     "metrics",
     version=3,
+    partition_by="subject_id",
     key=("evaluation_id", "metric"),
     fields=(
         pa.field("evaluation_id", pa.string(), nullable=False),  # hash of what was generated and how scored
@@ -352,6 +363,7 @@ METRICS = TableSpec(
 PROMPT_METRICS = TableSpec(
     "prompt_metrics",
     version=1,
+    partition_by="subject_id",
     key=("evaluation_id", "metric", "prompt"),
     fields=(
         pa.field("evaluation_id", pa.string(), nullable=False),

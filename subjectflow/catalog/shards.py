@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .layout import BLOBS_DIR, STAGES, WORK_DIR
-from .store import Catalog, atomic_write_bytes
+from .atomic import atomic_write_bytes
+from .store import Catalog
 
 STATE_FILE = "versioned-shards.json"
 

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,11 +20,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from .layout import BLOB_KINDS, BLOBS_DIR, STAGE_DIRS, TABLE_FILE, TABLES_DIR, WORK_DIR
+from .atomic import atomic_write_bytes
+from .layout import BLOB_KINDS, BLOBS_DIR, STAGE_DIRS, TABLES_DIR, WORK_DIR
 from .schemas import TABLES, VERSION_KEY, TableSpec
+from .tables import TableFiles
 
 if TYPE_CHECKING:
     from .blobstore import BlobStore
@@ -54,43 +54,6 @@ class CatalogBusy(CatalogError):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(dest: Path, data: bytes) -> None:
-    """Write `data` to `dest` so that `dest` is either absent/old or complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # A leading dot keeps pyarrow.dataset (and DVC's users) from ever reading the temp file.
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_table(dest: Path, table: pa.Table) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -152,7 +115,7 @@ class Catalog:
     def ensure_layout(self) -> None:
         """Make every table and blob directory exist, so each is a valid DVC output."""
         for spec in TABLES.values():
-            if not (self.table_dir(spec.name) / TABLE_FILE).exists():
+            if not self._files(spec.name).exists():
                 self.write(spec.name, spec.schema.empty_table())
         for kind in BLOB_KINDS:
             (self.root / BLOBS_DIR / kind).mkdir(parents=True, exist_ok=True)
@@ -174,40 +137,44 @@ class Catalog:
             raise KeyError(f"unknown table {name!r}; tables are {sorted(TABLES)}")
         return self.root / TABLES_DIR / name
 
+    def _files(self, name: str) -> TableFiles:
+        return TableFiles(self.table_dir(name), TABLES[name])
+
     def read(self, name: str) -> pa.Table:
-        path = self.table_dir(name) / TABLE_FILE
-        spec = TABLES[name]
-        if not path.exists():
-            table = spec.schema.empty_table()
-        else:
-            table = pq.read_table(path)
-        found = int((table.schema.metadata or {}).get(VERSION_KEY, b"0"))
-        if 0 < found < spec.version:
-            table = _upgrade(table, found, spec, path)
-        elif found != spec.version:
-            raise CatalogError(
-                f"table {name!r} at {path} has schema version {found}, this subjectflow "
-                f"reads version {spec.version}; use the subjectflow release that wrote it"
-            )
+        table = self._read_files(self._files(name))
         if self.staged and name in self.staged:
-            return _with_rows(table, self.staged[name], spec)
+            return _with_rows(table, self.staged[name], TABLES[name])
         return table
+
+    def _read_files(self, files: TableFiles, buckets: set[str] | None = None) -> pa.Table:
+        spec = files.spec
+        try:
+            read = files.read(buckets)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise CatalogError(f"table {spec.name!r}: cannot read {exc}; restore the catalog's files with "
+                               "`dvc checkout`, or re-run the stage that writes the table") from None
+        parts = []
+        for path, table in read:
+            found = int((table.schema.metadata or {}).get(VERSION_KEY, b"0"))
+            if 0 < found < spec.version:
+                table = _upgrade(table, found, spec, path)
+            elif found != spec.version:
+                raise CatalogError(
+                    f"table {spec.name!r} at {path} has schema version {found}, this subjectflow "
+                    f"reads version {spec.version}; use the subjectflow release that wrote it"
+                )
+            parts.append(table)
+        return pa.concat_tables(parts) if parts else spec.schema.empty_table()
 
     def write(self, name: str, table: pa.Table) -> None:
         """Replace a table atomically. Callers that read-modify-write hold `writer()`."""
         if self.staged is not None:
             raise CatalogError(f"table {name!r}: a staging catalog adds rows, it never replaces a table")
-        dest = self.table_dir(name) / TABLE_FILE
-        spec: TableSpec = TABLES[name]
-        try:
-            table = table.select(spec.schema.names).cast(spec.schema)
-        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
-            raise CatalogError(f"rows for table {name!r} do not match its schema: {exc}") from exc
-        table = table.replace_schema_metadata(spec.schema.metadata)
-        _atomic_write_table(dest, table)
+        self._files(name).replace(_conformed(table, TABLES[name]))
 
     def upsert(self, name: str, rows: pa.Table) -> None:
-        """Insert `rows`, replacing existing rows with the same key (last one wins)."""
+        """Insert `rows`, replacing existing rows with the same key (last one wins). A
+        partitioned table reads and rewrites only the buckets the rows fall in."""
         if rows.num_rows == 0:
             return
         spec = TABLES[name]
@@ -215,7 +182,13 @@ class Catalog:
         if self.staged is not None:
             self.staged[name] = _with_rows(self.staged.get(name, spec.schema.empty_table()), rows, spec)
             return
-        self.write(name, _with_rows(self.read(name), rows, spec))
+        files = self._files(name)
+        if not files.partitioned:
+            self.write(name, _with_rows(self.read(name), rows, spec))
+            return
+        touched = set(files.buckets(rows))
+        merged = _with_rows(self._read_files(files, touched), rows, spec)
+        files.replace(_conformed(merged, spec), touched)
 
     # -- one writer ----------------------------------------------------------------
 
@@ -331,6 +304,14 @@ class Catalog:
         pruned = [f"{rel}/{name}" for name in self.store.names(rel) if not (folder / name).exists()]
         if pruned:
             self.store.delete(pruned)
+
+
+def _conformed(table: pa.Table, spec: TableSpec) -> pa.Table:
+    try:
+        table = table.select(spec.schema.names).cast(spec.schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise CatalogError(f"rows for table {spec.name!r} do not match its schema: {exc}") from exc
+    return table.replace_schema_metadata(spec.schema.metadata)
 
 
 def _upgrade(table: pa.Table, found: int, spec: TableSpec, path: Path) -> pa.Table:

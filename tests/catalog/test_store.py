@@ -13,6 +13,7 @@ import pytest
 
 from subjectflow.catalog import TABLES, Catalog, CatalogBusy, CatalogError, CatalogNotFound
 from subjectflow.catalog.schemas import SAMPLES, SOURCE_FILES, VERSION_KEY
+from subjectflow.catalog.tables import TableFiles
 from subjectflow.catalog.store import utcnow
 
 
@@ -28,7 +29,8 @@ def test_every_table_has_an_explicit_versioned_schema_readable_with_pyarrow_data
     for name, spec in TABLES.items():
         table = ds.dataset(catalog.root / "tables" / name).to_table()
         assert table.schema.equals(spec.schema, check_metadata=False)
-        assert pq.read_schema(catalog.table_dir(name) / "data.parquet").metadata[VERSION_KEY] == str(spec.version).encode()
+        paths = TableFiles(catalog.table_dir(name), spec).paths()
+        assert paths and all(pq.read_schema(p).metadata[VERSION_KEY] == str(spec.version).encode() for p in paths)
 
 
 def test_write_rejects_rows_that_do_not_fit_the_schema(catalog):
@@ -59,11 +61,10 @@ def test_upsert_replaces_rows_with_the_same_key(catalog):
 def test_a_failed_write_leaves_the_previous_table_and_no_visible_temp_file(catalog, monkeypatch):
     catalog.write("source_files", ledger_rows(5))
 
-    def crash_midway(table, where, **kw):
-        Path(where).write_bytes(b"PAR1 half a table")
+    def disk_full(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pq, "write_table", crash_midway)
+    monkeypatch.setattr(os, "fsync", disk_full)  # after the temp file's bytes, before its rename
     with pytest.raises(OSError, match="disk full"):
         catalog.write("source_files", ledger_rows(50))
     monkeypatch.undo()
@@ -169,11 +170,18 @@ def test_a_table_from_an_older_schema_version_reads_with_its_new_columns_as_null
     row = {f.name: None for f in old_fields} | {
         "sample_id": "s1", "method": "sft", "prompt": "p", "seed": 0, "steps": 1, "guidance": 1.0, "resolution": 32,
         "base_model": "tiny", "file": "blobs/samples/x.png", "created_at": utcnow()}
-    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), catalog.table_dir("samples") / "data.parquet")
+    folder = catalog.table_dir("samples")
+    for path in folder.iterdir():  # as an older release left it: one file, no partitions
+        path.unlink()
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), folder / "data.parquet")
 
     table = catalog.read("samples")
     assert table.schema.equals(SAMPLES.schema) and table.to_pylist()[0]["model_id"] is None
     assert table.to_pylist()[0]["sample_id"] == "s1"
+    # its next write partitions it, at the current version, with the old row kept
+    catalog.upsert("samples", pa.Table.from_pylist([{**table.to_pylist()[0], "sample_id": "s2"}]))
+    assert not (folder / "data.parquet").exists() and (folder / "_manifest.json").exists()
+    assert sorted(catalog.read("samples").column("sample_id").to_pylist()) == ["s1", "s2"]
 
 
 def test_a_staging_catalog_reads_back_its_rows_writes_no_table_and_the_flow_commits_them_once(catalog, monkeypatch):
