@@ -18,18 +18,22 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner
 
-from subjectflow.config import Config, ConfigError, ExecutionConfig
+from subjectflow.catalog.blobstore import BlobStore
+from subjectflow.catalog.layout import WORK_DIR
+from subjectflow.config import Config, ConfigError, ExecutionConfig, stable_hash
 from tasks.tune import device_slots, device_task_runner, ensure_gpu_limit_task
 
 MODEL_RESOURCE = "GPU"  # the Dask worker resource a model task takes one of
 EXTRAS = {"dask": ("prefect_dask", "distributed"), "ray": ("prefect_ray", "ray")}
 RAY_OBJECT_STORE_BYTES = 256 * 2**20  # tasks pass ids and small rows; Ray's default takes 30% of RAM
+RESULTS_DIR = "results"  # engine tasks' kept results, under the work folder (on_workers)
 
 
 def task_runner(config: Config) -> TaskRunner:
@@ -51,6 +55,38 @@ def task_runner(config: Config) -> TaskRunner:
 def on_engine(flow: Any, config: Config) -> Any:
     """`flow` with its tasks on the configured engine."""
     return flow.with_options(task_runner=task_runner(config))
+
+
+def on_workers(task: Any, config: Config, catalog_root: Path) -> Any:
+    """`task` as engine workers run it: its result kept under its task run's id where every
+    worker can read it (the blob store, else the catalog's work folder). Dask re-runs a
+    finished task whose result died with its worker, and Ray rebuilds a lost one the same
+    way; the re-run, the same task run, finds the kept result and returns it instead of
+    doing the work again. `forget_results` deletes each once the flow has committed it."""
+    if config.execution.engine == "local":
+        return task
+    uri = config.execution.blob_store
+    if uri:
+        from prefect.filesystems import RemoteFileSystem
+
+        storage = RemoteFileSystem(basepath=f"{uri}/{WORK_DIR}/{RESULTS_DIR}")
+    else:
+        from prefect.filesystems import LocalFileSystem
+
+        storage = LocalFileSystem(basepath=str(catalog_root / WORK_DIR / RESULTS_DIR))
+    # Saved, so that a worker can find it from the result's record (by the block's id).
+    storage.save(f"subjectflow-results-{stable_hash(storage.basepath)}", overwrite=True)
+    return task.with_options(persist_result=True, result_storage=storage, result_storage_key="{task_run.id}")
+
+
+def forget_results(catalog_root: Path, store: str, task_run_ids: Iterable[str]) -> None:
+    """Delete the kept results of tasks whose rows the flow has committed."""
+    keys = [f"{WORK_DIR}/{RESULTS_DIR}/{run_id}" for run_id in task_run_ids]
+    if store:
+        BlobStore(store).delete(keys)
+        return
+    for key in keys:
+        (catalog_root / key).unlink(missing_ok=True)
 
 
 def limit_devices(config: Config) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.engine import limit_devices, model_work
+from flows.engine import limit_devices, model_work, on_workers
 from flows.ingest import config_for
 from flows.tune import wait_all
 from flows.versioning import version_run
@@ -51,7 +51,7 @@ def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list
     if plan.todo:
         limit_devices(config)
         with model_work(config):
-            futures = evaluate_task.map(unmapped(root), plan.todo, unmapped(config))
+            futures = on_workers(evaluate_task, config, root).map(unmapped(root), plan.todo, unmapped(config))
         run.scored, run.failures = wait_all(futures, [f"{job.subject.name}/{job.method}" for job in plan.todo], root)
     get_run_logger().info(run.summary())
     if run.scored:

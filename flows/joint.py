@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.engine import model_work
+from flows.engine import model_work, on_workers
 from flows.ingest import config_for
 from flows.tune import wait_all
 from flows.versioning import version_run
@@ -40,7 +40,7 @@ def _make_on_engine(root: Path, config: Config, subjects: list[str] | None) -> t
     batches = [names[start:start + size] for start in range(0, len(names), size)]
     needs_model = config.jointsets.synthetic.enabled
     with model_work(config) if needs_model else contextlib.nullcontext():
-        futures = make_jointsets_task.map(unmapped(root), unmapped(config), batches)
+        futures = on_workers(make_jointsets_task, config, root).map(unmapped(root), unmapped(config), batches)
     made, failures = wait_all(futures, [f"subjects {b[0]}..{b[-1]}" for b in batches], root)
     return list(made.values()), failures
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.engine import limit_devices, model_work
+from flows.engine import forget_results, limit_devices, model_work, on_workers
 from flows.ingest import config_for
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
@@ -43,8 +43,8 @@ def wait_all(futures, labels: list[str], catalog_root: Path) -> tuple[dict[str, 
     never fatal to the others: the task's own error, or the engine's when it gave the task
     up (Dask's KilledWorker after workers died under it, whose task run never finished).
     Rows staged by engine workers are committed here, COMMIT_EVERY tasks to one locked write,
-    so a crash of a long stage loses at most one batch."""
-    results, failures, staged = {}, {}, []
+    so a crash of a long stage loses at most one batch; then their kept results go."""
+    results, failures, staged, kept = {}, {}, [], []
     for label, future in zip(labels, futures):
         try:
             result = future.result()
@@ -53,19 +53,22 @@ def wait_all(futures, labels: list[str], catalog_root: Path) -> tuple[dict[str, 
             continue
         if isinstance(result, Staged):
             staged.append(result)
+            kept.append(str(future.task_run_id))
             result = result.value
         results[label] = result
         if len(staged) >= COMMIT_EVERY:
-            _commit(catalog_root, staged)
-            staged = []
+            _commit(catalog_root, staged, kept)
+            staged, kept = [], []
     if staged:
-        _commit(catalog_root, staged)
+        _commit(catalog_root, staged, kept)
     return results, failures
 
 
-def _commit(catalog_root: Path, staged: list[Staged]) -> None:
-    store = next((BlobStore(s.store) for s in staged if s.store), None)
-    Catalog.open(catalog_root).commit([s.rows for s in staged], [rel for s in staged for rel in s.blobs], store)
+def _commit(catalog_root: Path, staged: list[Staged], kept: list[str]) -> None:
+    uri = next((s.store for s in staged if s.store), "")
+    Catalog.open(catalog_root).commit([s.rows for s in staged], [rel for s in staged for rel in s.blobs],
+                                      BlobStore(uri) if uri else None)
+    forget_results(catalog_root, uri, kept)
 
 
 def _collect(futures, subjects: list[str], root: Path, made: str = TuneRun.made) -> TuneRun:
@@ -93,11 +96,11 @@ def tune_flow(catalog: str, method: str, subjects: list[str] | None = None, conf
 def _tune(root: Path, method: str, subjects: list[str] | None, config: Config) -> TuneRun:
     if registry.get(method).shared:
         with model_work(config, registry.get(method).devices(config)):
-            futures = [tune_task.submit(root, None, method, config)]
+            futures = [on_workers(tune_task, config, root).submit(root, None, method, config)]
         return _collect(futures, [method], root)
     todo = subjects if subjects else stale_subjects_task(root, method, config)
     with model_work(config):
-        futures = tune_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
+        futures = on_workers(tune_task, config, root).map(unmapped(root), todo, unmapped(method), unmapped(config))
     return _collect(futures, todo, root)
 
 
@@ -125,7 +128,8 @@ def negatives_flow(catalog: str, method: str, subjects: list[str] | None = None,
     limit_devices(config)
     todo = subjects if subjects else sorted(Catalog.open(root).read("subjects").column("subject_id").to_pylist())
     with model_work(config):
-        futures = negatives_task.map(unmapped(root), todo, unmapped(method), unmapped(config))
+        futures = on_workers(negatives_task, config, root).map(unmapped(root), todo, unmapped(method),
+                                                                unmapped(config))
     return _finish(root, _collect(futures, todo, root), config)
 
 
@@ -136,7 +140,7 @@ def learn_concepts_flow(catalog: str, name: str, sources: list[str], config: Con
     config = config_for(Catalog.open(root), config)
     limit_devices(config)
     with model_work(config):
-        futures = [learn_task.submit(root, name, sources, config)]
+        futures = [on_workers(learn_task, config, root).submit(root, name, sources, config)]
     return _finish(root, _collect(futures, [name], root, "learned {n} concept set(s)"), config)
 
 

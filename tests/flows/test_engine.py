@@ -204,12 +204,67 @@ def test_a_worker_killed_mid_training_costs_only_a_retry_that_resumes_from_the_s
     assert killed and not run.failures and len(run.outcomes) == 2
     assert any("/work/tune/" in key and "/checkpoint-" in key for key in reads), reads  # the retry resumed
     assert not (on_dask.root / "work" / "tune").exists()  # no worker wrote checkpoints into the catalog
+    assert store.names("work/results") == []  # the tasks' kept results, in S3, went once committed
     made = [row["file"] for row in on_dask.read("adapters").to_pylist()]
     assert sorted(f.removeprefix("blobs/adapters/") for f in made) == store.names("blobs/adapters")
     assert all((on_dask.root / f).is_file() for f in made)  # the flow copied them in before committing
 
     uninterrupted = ingested_catalog(tmp_path / "local", per_subject=2)
     assert not tune_flow(str(uninterrupted.root), "sft", None, tiny_config(**settings)).failures
+    assert adapter_files(on_dask) == adapter_files(uninterrupted)
+
+
+class _DieAfterFinishing(WorkerPlugin):
+    """In every worker: log each model task it starts, and SIGKILL the first worker that
+    holds a finished one's result, before the flow could fetch it (once: a file claims it)."""
+
+    def __init__(self, folder) -> None:
+        self.claim, self.log = str(folder / "killed"), str(folder / "started")
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if not str(key).startswith("tune_task"):
+            return
+        if finish == "executing":
+            with open(self.log, "a") as log:
+                log.write(f"{key}\n")
+        if finish == "memory":
+            try:
+                os.close(os.open(self.claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+            with open(self.claim, "w") as claim:
+                claim.write(str(key))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_finished_task_whose_result_died_with_its_worker_is_rerun_by_dask_and_returns_its_kept_result(
+        tmp_path, cluster):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import StateType
+
+    on_dask = ingested_catalog(tmp_path / "dask", per_subject=2)
+    config = tiny_config(execution={"engine": "dask", "address": cluster.scheduler_address})
+    with Client(cluster.scheduler_address) as client:
+        client.register_plugin(_DieAfterFinishing(tmp_path), name="die-after-finishing")
+        with engine(config) as placed:
+            state = on_engine(tune_flow, placed)(str(on_dask.root), "sft", None, placed, return_state=True)
+        client.unregister_worker_plugin("die-after-finishing")
+    run = state.result()
+    assert not run.failures and len(run.outcomes) == 2
+    killed = (tmp_path / "killed").read_text()
+    assert (tmp_path / "started").read_text().split().count(killed) == 2  # Dask ran the finished task again
+
+    with get_client(sync_client=True) as api:
+        ours = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        tunes = [t for t in api.read_task_runs(flow_run_filter=ours) if t.name.startswith("tune-sft-")]
+        ends = {t.name: [s.name for s in api.read_task_run_states(t.id) if s.type == StateType.COMPLETED]
+                for t in tunes}
+    # ...and the re-run, the same task run, returned its kept result ("Cached"): none trained twice
+    assert sorted(ends.values()) == [["Completed"], ["Completed", "Cached"]], ends
+    assert not list((on_dask.root / "work" / "results").iterdir())  # each kept result went once committed
+    uninterrupted = ingested_catalog(tmp_path / "local", per_subject=2)
+    assert not tune_flow(str(uninterrupted.root), "sft", None, tiny_config()).failures
     assert adapter_files(on_dask) == adapter_files(uninterrupted)
 
 

@@ -64,7 +64,8 @@ def test_jointsets_tune_jedi_and_generate_with_references(tmp_path, capfd):
     assert {p["caption"] for p in pairs} <= {t.format(c=c) for t in CAPTIONS for c in ("mug", "box")}
     assert len(catalog.read("negatives").to_pylist()) == 6  # pairs from every subject
     assert cli("generate", "--subject", "blue_box", "--method", "jedi-sfo") == 0
-    assert catalog.read("samples").to_pylist()[-1]["model_id"] == sfo[0]["model_id"]
+    newest = max(catalog.read("samples").to_pylist(), key=lambda s: s["created_at"])
+    assert newest["subject_id"] == "blue_box" and newest["model_id"] == sfo[0]["model_id"]
 
     # Exported: one LoRA that is the joint model and zero-shot SFO's LoRA stacked.
     out = tmp_path / "export"
