@@ -60,10 +60,14 @@ def _scores(catalog) -> dict[tuple[str, str], float]:
     return {(row["subject_id"], row["metric"]): row["value"] for row in catalog.read("metrics").to_pylist()}
 
 
-def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_model_task_per_gpu(tmp_path, cluster):
+def test_tuning_and_evaluation_on_the_cluster_and_an_s3_store_make_the_local_engines_tables_one_task_per_gpu(
+        tmp_path, cluster):
     quick = {"evaluate": {"methods": ["sft"], "prompts": 1, "images_per_prompt": 1}}
     on_dask = ingested_catalog(tmp_path / "dask", subjects=SUBJECTS, per_subject=2)
-    config = tiny_config(**quick, execution={"engine": "dask", "address": cluster.scheduler_address})
+    s3_client().create_bucket(Bucket="scored-blobs")
+    store = BlobStore("s3://scored-blobs/nightly")
+    config = tiny_config(**quick, execution={"engine": "dask", "address": cluster.scheduler_address,
+                                             "blob_store": store.uri})
     with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
         client.run(_record_catalog_locks)
         with engine(config) as placed:
@@ -75,6 +79,10 @@ def test_tuning_and_evaluation_on_the_cluster_make_the_local_engines_tables_one_
         assert all(hits >= 1 for hits in client.run(_resident_reuses).values())
     assert not run.failures and sorted(o.subject for o in run.outcomes) == sorted(SUBJECTS)
     assert not scored.failures and len(scored.scored) == len(SUBJECTS)
+    # evaluation's samples went through the S3 store too, and are in the catalog before their rows
+    samples = [row["file"] for row in on_dask.read("samples").to_pylist()]
+    assert sorted(f.removeprefix("blobs/samples/") for f in samples) == store.names("blobs/samples")
+    assert samples and all((on_dask.root / f).is_file() for f in samples)
 
     local = ingested_catalog(tmp_path / "local", subjects=SUBJECTS, per_subject=2)
     assert not tune_flow(str(local.root), "sft", None, tiny_config(**quick)).failures
