@@ -124,11 +124,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from flows.refresh import default_dashboard_dir
-    from subjectflow.dashboard import build_dashboard
+    from flows.dashboard import dashboard_flow
 
-    catalog = _open(args)
-    site = build_dashboard(catalog, Path(args.out) if args.out else default_dashboard_dir(catalog), args.page_size)
+    catalog, config = _config(args)
+    site = _on_engine(dashboard_flow, config, str(catalog.root), args.out, args.page_size)
     print(f"dashboard: {site.index} ({site.subjects} subjects, {site.thumbs_written} thumbnails made, "
           f"{site.thumbs_reused} reused)")
     for missing in site.missing[:10]:
@@ -435,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: dashboard/ beside the catalog)")
     p.add_argument("--page-size", type=int, default=50, help="subjects per index page (default: %(default)s)")
     _add_catalog(p)
+    _add_set(p)
 
     p = command("benchmark", cmd_benchmark, "run a published protocol and print the paper-style table")
     p.add_argument("protocol", choices=["dreambench"], help="the protocol")

@@ -6,8 +6,7 @@ the work: a model task asks for one GPU (`model_work`): Dask's "GPU" worker reso
 worker started with `--resources GPU=1`, one per GPU, each with its own
 CUDA_VISIBLE_DEVICES) or Ray's `num_gpus`, which sets CUDA_VISIBLE_DEVICES itself.
 Tuning and evaluation run there, and so do CPU tasks, on any worker: ingest's photo
-batches and joint-set building. The dashboard still runs in the flow's process.
-Attaching a flow to a running cluster costs no more than the local engine; starting one
+batches, joint-set building and the dashboard's thumbnails. Attaching a flow to a running cluster costs no more than the local engine; starting one
 costs seconds (bench/scaleout.py), which is why `execution.address` empty (a local
 cluster per command) is for trying the engine out.
 """

@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.dashboard import dashboard_flow
 from flows.engine import engine, on_engine
 from flows.evaluate import evaluate_flow
 from flows.ingest import config_for, ingest_flow
@@ -32,7 +33,6 @@ from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion, list_versions
 from subjectflow.catalog.history import RunRecord, record_run
 from subjectflow.config import Config
-from subjectflow.dashboard import build_dashboard
 from subjectflow.methods import registry
 
 
@@ -43,11 +43,6 @@ def configured_source(catalog: Catalog, config: Config) -> str:
     if source.startswith("s3://") or Path(source).is_absolute():
         return source
     return str(catalog.params_file.parent / source)
-
-
-def default_dashboard_dir(catalog: Catalog) -> Path:
-    """Beside the catalog, not in it: the site is derived, so neither git nor DVC keeps it."""
-    return catalog.root.parent / "dashboard"
 
 
 @dataclass
@@ -138,19 +133,19 @@ def catalog_refresh(catalog: str = "catalog", source: str | None = None, config:
         _stage(record, "evaluate", lambda: on_engine(evaluate_flow, placed)(root, subjects, None, placed),
                lambda run: _account_evaluate(record, run))
 
-    versions = list_versions(opened)
-    latest = versions[0].number if versions else None
-    # The run row goes into the version it makes; a run that made nothing is kept in the
-    # table and versioned with the next change, so an unchanged catalog adds no version.
-    record.catalog_version = (latest or 0) + 1 if record.ran and config.versioning.enabled else latest
-    record_run(opened, record)
-    version = version_run(opened.root, record.summary().splitlines()[0], config.versioning) if record.ran else None
+        versions = list_versions(opened)
+        latest = versions[0].number if versions else None
+        # The run row goes into the version it makes; a run that made nothing is kept in the
+        # table and versioned with the next change, so an unchanged catalog adds no version.
+        record.catalog_version = (latest or 0) + 1 if record.ran and config.versioning.enabled else latest
+        record_run(opened, record)
+        version = version_run(opened.root, record.summary().splitlines()[0], config.versioning) if record.ran else None
 
-    site = None
-    try:
-        site = build_dashboard(opened, Path(dashboard) if dashboard else default_dashboard_dir(opened)).index.parent
-    except Exception as exc:  # noqa: BLE001 - a dashboard problem must not fail a finished refresh
-        get_run_logger().error("dashboard not built: %s", exc)
+        site = None
+        try:
+            site = on_engine(dashboard_flow, placed)(root, dashboard, config=placed).index.parent
+        except Exception as exc:  # noqa: BLE001 - a dashboard problem must not fail a finished refresh
+            get_run_logger().error("dashboard not built: %s", exc)
     _artifacts(record, site)
     get_run_logger().info(record.summary())
     return RefreshRun(record, version, site)

@@ -355,6 +355,7 @@ class ExecutionConfig(_Section):
     blob_store: str = Field("", pattern=r"^(|s3://[^/]+(/.*)?)$")
     # Keep the base model loaded across a process's tasks (models/resident.py); off reloads per task.
     resident_models: bool = True
+    thumbnails_per_task: int = Field(512, ge=1)  # dashboard thumbnails one engine task makes
 
 
 class Config(_Section):

@@ -8,7 +8,9 @@ a half-written one.
 
 Thumbnails are named after what they shrink (a blob path, or a shard path plus member;
 blobs are content-addressed, so the name pins the pixels) and a rebuild hard-links
-them from the previous site instead of decoding every photo again.
+them from the previous site instead of decoding every photo again. The ones a build
+still has to make (`thumbnails_to_make`) can be made elsewhere first, e.g. spread over an
+engine's workers (`make_thumbnails`), and handed to `build_dashboard`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ THUMB_PX = 128
 THUMB_QUALITY = 85
 # Part of every thumbnail's name, so changing how thumbnails are made remakes them all.
 THUMB_RECIPE = f"{THUMB_PX}px-jpeg-q{THUMB_QUALITY}"
+UNREADABLE = "unreadable.json"  # in a `made` folder: key -> why its source could not be read
 MARKER = ".subjectflow-dashboard"  # what lets a rebuild replace the folder safely
 # Tables whose rows belong to one subject, grouped once so no page scans a whole table.
 PER_SUBJECT = ("images", "negatives", "jointsets", "samples", "adapters", "metrics", "prompt_metrics")
@@ -65,8 +68,9 @@ class DashboardSite:
     missing: list[str]  # images shown as placeholders, each with the reason
 
 
-def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50) -> DashboardSite:
-    """Write the catalog's dashboard to `out_dir`, replacing an earlier build there."""
+def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50, made: Path | None = None) -> DashboardSite:
+    """Write the catalog's dashboard to `out_dir`, replacing an earlier build there.
+    `made`: a folder of thumbnails already made (`save_thumbnails`); the build makes the rest."""
     if page_size < 1:
         raise DashboardError(f"page_size must be at least 1, got {page_size}")
     out_dir = Path(out_dir).resolve()
@@ -77,7 +81,7 @@ def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50) -> Das
     staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
     staging.mkdir()
     try:
-        thumbs = Thumbnails(catalog, staging, previous=out_dir if out_dir.exists() else None)
+        thumbs = Thumbnails(catalog, staging, previous=out_dir if out_dir.exists() else None, made=made)
         list_pages, subject_pages = _write_site(catalog, staging, thumbs, page_size)
         _swap(staging, out_dir)
     except BaseException:
@@ -143,12 +147,15 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 class Thumbnails:
-    """Makes each thumbnail once per site; unreadable sources become placeholders."""
+    """Makes each thumbnail once per site, unless the previous site or the `made` folder has
+    it; unreadable sources become placeholders."""
 
-    def __init__(self, catalog: Catalog, site: Path, previous: Path | None) -> None:
+    def __init__(self, catalog: Catalog, site: Path, previous: Path | None, made: Path | None = None) -> None:
         self.catalog = catalog
         self.site = site
         self.previous = previous
+        self.made = made
+        self.unreadable = _unreadable(made) if made else {}
         self.written = 0
         self.reused = 0
         self.missing: list[str] = []
@@ -160,7 +167,7 @@ class Thumbnails:
 
     def shard_members(self, shard: str, members: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Thumb]:
         """Thumbnails of joint-set members; the shard is read only if one is not made yet."""
-        keys = {m: f"{shard}#{m[0]}/{m[1]}" for m in members}
+        keys = {m: _member_key(shard, *m) for m in members}
         pixels: dict[tuple[str, int], bytes] = {}
         failure: BaseException | None = None
         if not all(self._ready(key) for key in keys.values()):
@@ -176,21 +183,33 @@ class Thumbnails:
 
         return {m: self._thumb(key, lambda m=m: load(m)) for m, key in keys.items()}
 
-    def _name(self, key: str) -> str:
+    @staticmethod
+    def _name(key: str) -> str:
         return f"{THUMBS_DIR}/{hashlib.sha256(f'{THUMB_RECIPE}:{key}'.encode()).hexdigest()[:32]}.jpg"
 
     def _ready(self, key: str) -> bool:
+        return key in self._made or key in self.unreadable or self._found(key) is not None
+
+    def _found(self, key: str) -> tuple[Path, bool] | None:
+        """Where a thumbnail made before this build is, and whether it was made for it."""
         name = self._name(key)
-        return key in self._made or (self.previous is not None and (self.previous / name).exists())
+        for folder, fresh in ((self.made, True), (self.previous, False)):
+            if folder is not None and (folder / name).exists():
+                return folder / name, fresh
+        return None
 
     def _thumb(self, key: str, load: Callable[[], Path | bytes]) -> Thumb:
         if key in self._made:
             return self._made[key]
         name = self._name(key)
-        dest = self.site / name
-        if self.previous is not None and (self.previous / name).exists():
-            _link_or_copy(self.previous / name, dest)
-            self.reused += 1
+        found = self._found(key)
+        if key in self.unreadable:
+            thumb = Thumb(None, self.unreadable[key])
+            self.missing.append(f"{key}: {thumb.note}")
+        elif found is not None:
+            _link_or_copy(found[0], self.site / name)
+            self.written += found[1]
+            self.reused += not found[1]
             thumb = Thumb(name)
         else:
             try:
@@ -199,11 +218,74 @@ class Thumbnails:
                 thumb = Thumb(None, _reason(exc))
                 self.missing.append(f"{key}: {thumb.note}")
             else:
-                dest.write_bytes(data)
+                (self.site / name).write_bytes(data)
                 self.written += 1
                 thumb = Thumb(name)
         self._made[key] = thumb
         return thumb
+
+
+# What the pages show, by table: the blob columns, and every joint-set member.
+IMAGE_COLUMNS = {"images": ("thumbnail_file", "mask_file"), "negatives": ("file",), "samples": ("file",),
+                 "concept_masks": ("file",)}
+
+
+def thumbnails_to_make(catalog: Catalog, out_dir: Path) -> list[str]:
+    """The keys of the thumbnails a build into `out_dir` would make: what the pages show and
+    the site there does not have yet."""
+    keys = {row[column] for table, columns in IMAGE_COLUMNS.items()
+            for row in catalog.read(table).select(list(columns)).to_pylist() for column in columns}
+    keys |= {_member_key(r["shard"], r["set_id"], r["member"])
+             for r in catalog.read("jointsets").select(["shard", "set_id", "member"]).to_pylist()}
+    return sorted(k for k in keys if not (out_dir / Thumbnails._name(k)).exists())
+
+
+def make_thumbnails(catalog: Catalog, keys: list[str]) -> dict[str, bytes | str]:
+    """Each key's thumbnail, or why its source could not be read; a shard is read once."""
+    made: dict[str, bytes | str] = {}
+    members: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
+    for key in keys:
+        shard, _, member = key.partition("#")
+        if member:
+            set_id, _, index = member.rpartition("/")
+            members[shard][key] = (set_id, int(index))
+            continue
+        try:
+            made[key] = shrink(catalog.blob_path(key))
+        except LOAD_ERRORS as exc:
+            made[key] = _reason(exc)
+    for shard, wanted in members.items():
+        try:
+            pixels = _read_shard(catalog.blob_path(shard), {set_id for set_id, _ in wanted.values()})
+        except LOAD_ERRORS as exc:
+            made.update({key: _reason(exc) for key in wanted})
+            continue
+        for key, member in wanted.items():
+            try:
+                made[key] = shrink(pixels[member])
+            except LOAD_ERRORS as exc:
+                made[key] = _reason(exc)
+    return made
+
+
+def save_thumbnails(folder: Path, made: dict[str, bytes | str]) -> None:
+    """Add `make_thumbnails`' output to a `made` folder for `build_dashboard`."""
+    (folder / THUMBS_DIR).mkdir(parents=True, exist_ok=True)
+    unreadable = {key: why for key, why in made.items() if isinstance(why, str)}
+    for key, data in made.items():
+        if not isinstance(data, str):
+            (folder / Thumbnails._name(key)).write_bytes(data)
+    if unreadable:
+        (folder / UNREADABLE).write_text(json.dumps(_unreadable(folder) | unreadable))
+
+
+def _unreadable(folder: Path) -> dict[str, str]:
+    path = folder / UNREADABLE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _member_key(shard: str, set_id: str, member: int) -> str:
+    return f"{shard}#{set_id}/{member}"
 
 
 def _read_shard(path: Path, set_ids: set[str]) -> dict[tuple[str, int], bytes]:

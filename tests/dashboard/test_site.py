@@ -11,7 +11,7 @@ from PIL import Image
 
 from subjectflow.catalog import version_catalog
 from subjectflow.catalog.schemas import METRICS
-from subjectflow.dashboard import DashboardError, build_dashboard
+from subjectflow.dashboard import DashboardError, build_dashboard, make_thumbnails, save_thumbnails, thumbnails_to_make
 from subjectflow.dashboard import site as site_module
 from subjectflow.dashboard.plots import line_plot
 from subjectflow.dashboard.site import latest_scores, metric_trends, subject_href
@@ -136,6 +136,31 @@ def test_missing_and_unreadable_blobs_become_placeholders_and_are_reported(fille
     teapot = (tmp_path / "site" / "subject" / "teapot.html").read_text()
     assert "image unavailable: unreadable" in teapot and teapot.count("image unavailable: file missing") == 2
     assert "4 image(s) missing or unreadable" in site.index.read_text()
+
+
+def test_thumbnails_made_elsewhere_in_batches_give_the_same_site_and_the_build_makes_none(
+        filled_catalog, tmp_path, monkeypatch):
+    catalog = filled_catalog.catalog
+    catalog.blob_path(catalog.read("negatives").to_pylist()[0]["file"]).write_bytes(b"not an image")
+    here = build_dashboard(catalog, tmp_path / "here")
+
+    keys = thumbnails_to_make(catalog, tmp_path / "there")
+    made = tmp_path / "made"
+    for start in range(0, len(keys), 3):  # as engine tasks make them, a batch each
+        save_thumbnails(made, make_thumbnails(catalog, keys[start:start + 3]))
+    monkeypatch.setattr(site_module, "shrink", lambda source: pytest.fail(f"the build made {source} itself"))
+    there = build_dashboard(catalog, tmp_path / "there", made=made)
+
+    assert sorted(there.missing) == sorted(here.missing) and len(here.missing) == 2
+    assert there.thumbs_written == here.thumbs_written > 5
+    for page in here.subject_pages:
+        assert (tmp_path / "there" / page.relative_to(tmp_path / "here")).read_text() == page.read_text()
+    thumbs = sorted(p.name for p in (tmp_path / "here" / "thumbs").iterdir())
+    assert thumbs == sorted(p.name for p in (tmp_path / "there" / "thumbs").iterdir())
+    assert all((tmp_path / "there" / "thumbs" / t).read_bytes() == (tmp_path / "here" / "thumbs" / t).read_bytes()
+               for t in thumbs)
+    # what is left to make for that site: only the sources that cannot be read
+    assert set(thumbnails_to_make(catalog, tmp_path / "there")) == {m.split(": ")[0] for m in here.missing}
 
 
 def test_a_failed_rebuild_leaves_the_previous_site_whole(filled_catalog, tmp_path, monkeypatch):

@@ -12,12 +12,14 @@ import yaml
 from distributed import Client, LocalCluster, WorkerPlugin, get_task_stream
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.dashboard import dashboard_flow
 from flows.engine import MODEL_RESOURCE, engine, on_engine
 from flows.evaluate import evaluate_flow
 from flows.joint import jointsets_flow
 from flows.tune import tune_flow, wait_all
 from subjectflow.catalog.blobstore import BlobStore
 from subjectflow.config import ConfigError
+from subjectflow.dashboard import build_dashboard
 from subjectflow.s3 import s3_client
 from tests.flows.test_busy_machine import _command
 from tests.training.conftest import adapter_files, ingested_catalog, tiny_config
@@ -116,7 +118,7 @@ def _set_pixels(catalog) -> dict[str, list[bytes]]:
     return {s.set_id: [image.tobytes() for image in s.images] for s in read_sets(catalog, shards)}
 
 
-def test_ingest_and_jointset_batches_spread_over_the_workers_put_blobs_on_s3_and_make_the_local_engines_tables(
+def test_ingest_jointsets_and_thumbnails_spread_over_the_workers_and_make_the_local_engines_tables_and_site(
         tmp_path, cluster):
     from flows.ingest import ingest_flow
     from subjectflow.catalog import init_catalog
@@ -159,6 +161,17 @@ def test_ingest_and_jointset_batches_spread_over_the_workers_put_blobs_on_s3_and
     # the same sets, member for member and pixel for pixel; only their packing into shards differs
     assert _rows(on_dask, "jointsets", but="shard") == _rows(local, "jointsets", but="shard")
     assert _set_pixels(on_dask) == _set_pixels(local)
+
+    # The dashboard's thumbnails, a few to a task over both workers: the same site as built here.
+    with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
+        few = tiny_config(execution={**config.execution.model_dump(), "thumbnails_per_task": 4})
+        with engine(few) as placed:
+            site = on_engine(dashboard_flow, placed)(str(on_dask.root), str(tmp_path / "site"), config=placed)
+    assert len({t["worker"] for t in stream.data if t["key"].startswith("make_thumbnails_task")}) == 2
+    here = build_dashboard(on_dask, tmp_path / "site-here")
+    assert site.thumbs_written == here.thumbs_written >= 4 * len(SUBJECTS) and not site.missing
+    thumbs = {p.name: p.read_bytes() for p in (tmp_path / "site" / "thumbs").iterdir()}
+    assert thumbs == {p.name: p.read_bytes() for p in (tmp_path / "site-here" / "thumbs").iterdir()}
 
 
 class _RecordStoreReads(WorkerPlugin):
