@@ -57,13 +57,21 @@ def on_engine(flow: Any, config: Config) -> Any:
 
 
 def on_workers(task: Any, config: Config, catalog_root: Path) -> Any:
-    """`task` as engine workers run it: its result kept under its task run's id where every
-    worker can read it (the blob store, else the catalog's work folder). Dask re-runs a
-    finished task whose result died with its worker, and Ray rebuilds a lost one the same
-    way; the re-run, the same task run, finds the kept result and returns it instead of
-    doing the work again. `forget_results` deletes each once the flow has committed it."""
+    """`task` as engine workers run it: its result kept under its task run's id in
+    `shared_results`. Dask re-runs a finished task whose result died with its worker, and
+    Ray rebuilds a lost one the same way; the re-run, the same task run, finds the kept
+    result and returns it instead of doing the work again. `forget_results` deletes each
+    once the flow has committed it."""
     if config.execution.engine == "local":
         return task
+    return task.with_options(persist_result=True, result_storage=shared_results(config, catalog_root),
+                             result_storage_key="{task_run.id}")
+
+
+def shared_results(config: Config, catalog_root: Path) -> Any:
+    """Prefect result storage every worker can read: the blob store, else the catalog's
+    work folder. A worker's own default (~/.prefect/storage) would not do: the task a
+    worker re-runs for a dead one finds its run completed, and reads its result from here."""
     uri = config.execution.blob_store
     if uri:
         from prefect.filesystems import RemoteFileSystem
@@ -75,7 +83,7 @@ def on_workers(task: Any, config: Config, catalog_root: Path) -> Any:
         storage = LocalFileSystem(basepath=str(catalog_root / WORK_DIR / RESULTS_DIR))
     # Saved, so that a worker can find it from the result's record (by the block's id).
     storage.save(f"subjectflow-results-{stable_hash(storage.basepath)}", overwrite=True)
-    return task.with_options(persist_result=True, result_storage=storage, result_storage_key="{task_run.id}")
+    return storage
 
 
 def forget_results(catalog_root: Path, store: str, task_run_ids: Iterable[str]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, unmapped
 from tqdm import tqdm
 
+from flows.engine import shared_results
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config, load_config
@@ -41,8 +42,8 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
     else:  # a task per batch, one process each: the engine spreads them over every worker
         one_process = config.ingest.model_copy(update={"workers": 1})
         store = config.execution.blob_store
-        done = (f.result() for f in process_photos_task.map(batches, unmapped(root), unmapped(one_process),
-                                                            unmapped(store)))
+        batch_task = process_photos_task.with_options(result_storage=shared_results(config, root))
+        done = (f.result() for f in batch_task.map(batches, unmapped(root), unmapped(one_process), unmapped(store)))
     results = []
     with tqdm(total=len(plan.todo), desc="ingest", unit="photo", disable=None) as progress:
         for batch, batch_results in zip(batches, done):

@@ -141,6 +141,8 @@ def test_ingest_jointsets_and_thumbnails_spread_over_the_workers_and_make_the_lo
     normalised = [row["normalised_file"] for row in on_dask.read("images").to_pylist()]
     assert sorted(f.removeprefix("blobs/normalised/") for f in normalised) == store.names("blobs/normalised")
     assert all((on_dask.root / f).is_file() for f in normalised)
+    # each batch's cached result is kept where any worker can read it, not in a worker's home
+    assert sum(name.startswith("process-photos-") for name in store.names("work/results")) == 4  # 8 photos, 2 a batch
 
     local = init_catalog(tmp_path / "local", tiny_config())
     ingest_flow(source, str(local.root), tiny_config(ingest=batches))
