@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 import subjectflow.catalog.tables as tables
+from subjectflow.catalog import CatalogError
 from subjectflow.catalog.schemas import METRICS, SAMPLES
 from subjectflow.catalog.store import utcnow
 from subjectflow.catalog.tables import PART_MANIFEST, TableFiles
@@ -78,3 +79,13 @@ def test_a_crash_before_the_manifest_is_replaced_leaves_the_previous_table(catal
     catalog.upsert("metrics", rows(METRICS, ["e"]))  # the next write removes what no manifest lists
     assert {p.name for p in TableFiles(catalog.table_dir("metrics"), METRICS).paths()} == part_files(catalog, "metrics")
     assert sorted(r["subject_id"] for r in catalog.read("metrics").to_pylist()) == ["a", "b", "c", "e"]
+
+
+def test_a_part_file_that_cannot_be_read_is_one_line_naming_it_and_the_fix(catalog, monkeypatch):
+    catalog.upsert("metrics", rows(METRICS, ["a"]))
+    monkeypatch.setattr(tables, "_PARTS", tables._PartCache())  # as a fresh process finds it
+    part = next(p for p in TableFiles(catalog.table_dir("metrics"), METRICS).paths())
+    part.write_bytes(part.read_bytes()[:20])  # truncated
+    with pytest.raises(CatalogError, match=r"table 'metrics': cannot read .*dvc checkout") as failed:
+        catalog.read("metrics")
+    assert part.name in str(failed.value) and "\n" not in str(failed.value)
