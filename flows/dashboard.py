@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 
+from flows.engine import in_batches
 from flows.ingest import config_for
 from subjectflow.catalog import Catalog
 from subjectflow.config import Config
@@ -33,8 +34,7 @@ def dashboard_flow(catalog: str, out: str | None = None, page_size: int = 50,
     if config.execution.engine == "local":
         return build_dashboard(opened, out_dir, page_size)
     keys = thumbnails_to_make(opened, out_dir)
-    size = config.execution.thumbnails_per_task
-    futures = make_thumbnails_task.map(unmapped(opened.root), [keys[i:i + size] for i in range(0, len(keys), size)])
+    futures = make_thumbnails_task.map(unmapped(opened.root), in_batches(keys, config.execution.thumbnails_per_task))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-thumbnails-", dir=out_dir.parent) as made:
         for future in futures:

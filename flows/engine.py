@@ -6,9 +6,10 @@ the work: a model task asks for one GPU (`model_work`): Dask's "GPU" worker reso
 worker started with `--resources GPU=1`, one per GPU, each with its own
 CUDA_VISIBLE_DEVICES) or Ray's `num_gpus`, which sets CUDA_VISIBLE_DEVICES itself.
 Tuning and evaluation run there, and so do CPU tasks, on any worker: ingest's photo
-batches, joint-set building and the dashboard's thumbnails. Attaching a flow to a running cluster costs no more than the local engine; starting one
-costs seconds (bench/scaleout.py), which is why `execution.address` empty (a local
-cluster per command) is for trying the engine out.
+batches, joint-set building and the dashboard's thumbnails. Attaching a flow to a
+running cluster costs no more than the local engine; starting one costs seconds
+(bench/scaleout.py), which is why `execution.address` empty (a local cluster per
+command) is for trying the engine out.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def task_runner(config: Config) -> TaskRunner:
     from prefect_ray import RayTaskRunner
 
     return RayTaskRunner(address=execution.address)  # finds the Ray that `engine` connected to
+
+
+def in_batches(items: list, size: int) -> list[list]:
+    """`items` in order, `size` to a task."""
+    return [items[start:start + size] for start in range(0, len(items), size)]
 
 
 def on_engine(flow: Any, config: Config) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, unmapped
 from tqdm import tqdm
 
-from flows.engine import shared_results
+from flows.engine import in_batches, shared_results
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config, load_config
@@ -34,8 +34,7 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
     listing = list_source_task(source)
     plan = plan_ingest_task(listing, root, config.ingest)
 
-    size = config.ingest.batch_size
-    batches = [plan.todo[start:start + size] for start in range(0, len(plan.todo), size)]
+    batches = in_batches(plan.todo, config.ingest.batch_size)
     store = ""
     if config.execution.engine == "local":  # a batch at a time, over this machine's worker processes
         done = (process_photos_task(batch, root, config.ingest) for batch in batches)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.engine import model_work, on_workers
+from flows.engine import in_batches, model_work, on_workers
 from flows.ingest import config_for
 from flows.tune import wait_all
 from flows.versioning import version_run
@@ -36,8 +36,7 @@ class JointSetsRun:
 
 def _make_on_engine(root: Path, config: Config, subjects: list[str] | None) -> tuple[list[JointSetsBatch], dict]:
     names = [s.name for s in load_subjects(Catalog.open(root), subjects)]
-    size = config.jointsets.subjects_per_task
-    batches = [names[start:start + size] for start in range(0, len(names), size)]
+    batches = in_batches(names, config.jointsets.subjects_per_task)
     needs_model = config.jointsets.synthetic.enabled
     with model_work(config) if needs_model else contextlib.nullcontext():
         futures = on_workers(make_jointsets_task, config, root).map(unmapped(root), unmapped(config), batches)
