@@ -12,7 +12,7 @@ from subjectflow.evaluation.evaluate import Evaluation, EvaluationPlan, evaluate
 from subjectflow.evaluation.metrics import generated_masker
 from subjectflow.evaluation.scorers import load_scorers
 from subjectflow.methods import registry
-from tasks.tune import device_slot, handed_back, method_context
+from tasks.tune import device_slot, method_context, staged_result
 
 
 @task(name="plan-evaluations")
@@ -25,14 +25,14 @@ def plan_evaluations_task(catalog_root: Path, config: Config, subjects: list[str
 @task(name="evaluate", task_run_name="evaluate-{job.subject.name}-{job.method}")
 def evaluate_task(catalog_root: Path, job: Evaluation, config: Config) -> list[dict]:
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return handed_back(ctx, evaluate(ctx, job, *_scoring(ctx, placed)))
+        return staged_result(ctx.catalog, evaluate(ctx, job, *_scoring(ctx, placed)))
 
 
 @task(name="evaluate-set", task_run_name="evaluate-set-{name}")
 def evaluate_set_task(catalog_root: Path, name: str, config: Config) -> list[dict]:
     """A named concept set's compositions sampled and scored."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return handed_back(ctx, registry.score_set(ctx, name, *_scoring(ctx, placed)))
+        return staged_result(ctx.catalog, registry.score_set(ctx, name, *_scoring(ctx, placed)))
 
 
 def _scoring(ctx, config: Config) -> tuple:

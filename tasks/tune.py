@@ -156,10 +156,6 @@ def staged_result(catalog: Catalog, value: Any) -> Any:
     return Staged(value, catalog.staged, catalog.made, catalog.store.uri if catalog.store else "")
 
 
-def handed_back(ctx: Context, value: Any) -> Any:
-    return staged_result(ctx.catalog, value)
-
-
 @task(name="plan-tuning")
 def stale_subjects_task(catalog_root: Path, method: str, config: Config) -> list[str]:
     with method_context(catalog_root, config) as ctx:
@@ -175,20 +171,20 @@ def _tune_run_name() -> str:
 def tune_task(catalog_root: Path, subject: str | None, method: str, config: Config) -> TuneOutcome:
     """One subject's artefact for `method` (or the shared one when subject is None)."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return handed_back(ctx, registry.tune(ctx, method, subject))
+        return staged_result(ctx.catalog, registry.tune(ctx, method, subject))
 
 
 @task(name="make-negatives", task_run_name="negatives-{method}-{subject}")
 def negatives_task(catalog_root: Path, subject: str, method: str, config: Config) -> TuneOutcome:
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return handed_back(ctx, registry.negatives(ctx, method, subject))
+        return staged_result(ctx.catalog, registry.negatives(ctx, method, subject))
 
 
 @task(name="learn-concepts", task_run_name="learn-concepts-{name}")
 def learn_task(catalog_root: Path, name: str, sources: list[str], config: Config) -> TuneOutcome:
     """The named concept set from its sources (reused when already learned)."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return handed_back(ctx, registry.learn(ctx, name, sources))
+        return staged_result(ctx.catalog, registry.learn(ctx, name, sources))
 
 
 @task(name="generate-samples", task_run_name="generate-{subject}-{method}")
@@ -196,4 +192,4 @@ def generate_task(catalog_root: Path, subject: str | None, method: str | None, p
                   references: int | None = None) -> list[dict]:
     """Samples with `method`'s current artefact for the subject; method None: the base model."""
     with device_slot(config) as placed, method_context(catalog_root, placed) as ctx:
-        return handed_back(ctx, registry.sample(ctx, method, subject, prompt, n, references))
+        return staged_result(ctx.catalog, registry.sample(ctx, method, subject, prompt, n, references))
