@@ -203,22 +203,18 @@ class Thumbnails:
             return self._made[key]
         name = self._name(key)
         found = self._found(key)
-        if key in self.unreadable:
-            thumb = Thumb(None, self.unreadable[key])
-            self.missing.append(f"{key}: {thumb.note}")
-        elif found is not None:
+        if found is not None:
             _link_or_copy(found[0], self.site / name)
             self.written += found[1]
             self.reused += not found[1]
             thumb = Thumb(name)
         else:
-            try:
-                data = shrink(load())
-            except LOAD_ERRORS as exc:
-                thumb = Thumb(None, _reason(exc))
-                self.missing.append(f"{key}: {thumb.note}")
+            made = self.unreadable.get(key) or _shrunk(load)
+            if isinstance(made, str):
+                thumb = Thumb(None, made)
+                self.missing.append(f"{key}: {made}")
             else:
-                (self.site / name).write_bytes(data)
+                (self.site / name).write_bytes(made)
                 self.written += 1
                 thumb = Thumb(name)
         self._made[key] = thumb
@@ -250,22 +246,23 @@ def make_thumbnails(catalog: Catalog, keys: list[str]) -> dict[str, bytes | str]
             set_id, _, index = member.rpartition("/")
             members[shard][key] = (set_id, int(index))
             continue
-        try:
-            made[key] = shrink(catalog.blob_path(key))
-        except LOAD_ERRORS as exc:
-            made[key] = _reason(exc)
+        made[key] = _shrunk(lambda key=key: catalog.blob_path(key))
     for shard, wanted in members.items():
         try:
             pixels = _read_shard(catalog.blob_path(shard), {set_id for set_id, _ in wanted.values()})
         except LOAD_ERRORS as exc:
             made.update({key: _reason(exc) for key in wanted})
             continue
-        for key, member in wanted.items():
-            try:
-                made[key] = shrink(pixels[member])
-            except LOAD_ERRORS as exc:
-                made[key] = _reason(exc)
+        made.update({key: _shrunk(lambda member=member: pixels[member]) for key, member in wanted.items()})
     return made
+
+
+def _shrunk(load: Callable[[], Path | bytes]) -> bytes | str:
+    """A thumbnail, or why its source could not be read."""
+    try:
+        return shrink(load())
+    except LOAD_ERRORS as exc:
+        return _reason(exc)
 
 
 def save_thumbnails(folder: Path, made: dict[str, bytes | str]) -> None:
