@@ -32,7 +32,8 @@ from .atomic import atomic_write_bytes, fsync_dir
 from .layout import TABLE_FILE
 from .schemas import TableSpec
 
-PARTITIONS = 256  # 2 hex digits of the hash: enough that one batch touches few, few enough to read fast
+BUCKET_DIGITS = 2  # hex digits of the hash that name a bucket
+PARTITIONS = 16**BUCKET_DIGITS  # 256: enough that one batch touches few, few enough to read fast
 PART_MANIFEST = "_manifest.json"  # "_": pyarrow.dataset and Spark skip it, and read the parts as one table
 NULL_BUCKET = "none"  # rows whose partition column is null (e.g. base-model samples)
 EMPTY = "empty"  # never a bucket of rows: the one part of a table without any
@@ -41,7 +42,7 @@ READERS = 8  # parallel part reads (pyarrow releases the GIL while decoding)
 
 
 def bucket_of(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()[:2]
+    return hashlib.sha256(value.encode()).hexdigest()[:BUCKET_DIGITS]
 
 
 class TableFiles:
