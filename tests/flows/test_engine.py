@@ -283,8 +283,9 @@ def test_a_finished_task_whose_result_died_with_its_worker_is_rerun_by_dask_and_
         tunes = [t for t in api.read_task_runs(flow_run_filter=ours) if t.name.startswith("tune-sft-")]
         ends = {t.name: [s.name for s in api.read_task_run_states(t.id) if s.type == StateType.COMPLETED]
                 for t in tunes}
-    # ...and the re-run, the same task run, returned its kept result ("Cached"): none trained twice
-    assert sorted(ends.values()) == [["Completed"], ["Completed", "Cached"]], ends
+    # ...and the re-run, the same task run, returned its kept result ("Cached"): none trained
+    # twice. The killed worker's own "Completed" may not reach the server before SIGKILL.
+    assert sorted(ends.values()) in ([["Cached"], ["Completed"]], [["Completed"], ["Completed", "Cached"]]), ends
     assert not list((on_dask.root / "work" / "results").iterdir())  # each kept result went once committed
     uninterrupted = ingested_catalog(tmp_path / "local", per_subject=2)
     assert not tune_flow(str(uninterrupted.root), "sft", None, tiny_config()).failures
