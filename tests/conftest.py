@@ -35,7 +35,7 @@ def one_torch_thread():
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.cli import SERVER_STARTUP_S
+    from flows.cli import SERVER_STARTUP_S, without_heartbeats
 
     # As generous as the CLI: other jobs on the machine may keep every core busy.
     timeout = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", SERVER_STARTUP_S))
@@ -45,6 +45,7 @@ def prefect_harness():
         except RuntimeError:
             pytest.exit(f"Prefect's test server did not answer within {timeout} s; set "
                         f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher and rerun", returncode=2)
+        stack.enter_context(without_heartbeats())  # the harness's server is as temporary as the CLI's
         yield
 
 
