@@ -74,11 +74,17 @@ def on_workers(task: Any, config: Config, catalog_root: Path) -> Any:
                              result_storage_key="{task_run.id}")
 
 
+def workers_store(config: Config) -> str:
+    """The blob store engine workers put what they make to ("" = the catalog folder). The
+    local engine's tasks run in the flow's own process, beside the catalog: they need none."""
+    return "" if config.execution.engine == "local" else config.execution.blob_store
+
+
 def shared_results(config: Config, catalog_root: Path) -> Any:
     """Prefect result storage every worker can read: the blob store, else the catalog's
     work folder. A worker's own default (~/.prefect/storage) would not do: the task a
     worker re-runs for a dead one finds its run completed, and reads its result from here."""
-    uri = config.execution.blob_store
+    uri = workers_store(config)
     if uri:
         from prefect.filesystems import RemoteFileSystem
 
@@ -92,11 +98,11 @@ def shared_results(config: Config, catalog_root: Path) -> Any:
     return storage
 
 
-def forget_results(catalog_root: Path, store: str, task_run_ids: Iterable[str]) -> None:
-    """Delete the kept results of tasks whose rows the flow has committed."""
-    keys = [f"{WORK_DIR}/{RESULTS_DIR}/{run_id}" for run_id in task_run_ids]
-    if store:
-        BlobStore(store).delete(keys)
+def forget_results(config: Config, catalog_root: Path, keys: Iterable[str]) -> None:
+    """Delete kept results (by their keys in `shared_results`) the flow is done with."""
+    keys = [f"{WORK_DIR}/{RESULTS_DIR}/{key}" for key in keys]
+    if uri := workers_store(config):
+        BlobStore(uri).delete(keys)
         return
     for key in keys:
         (catalog_root / key).unlink(missing_ok=True)

@@ -52,7 +52,8 @@ def evaluate_flow(catalog: str, subjects: list[str] | None = None, methods: list
         limit_devices(config)
         with model_work(config):
             futures = on_workers(evaluate_task, config, root).map(unmapped(root), plan.todo, unmapped(config))
-        run.scored, run.failures = wait_all(futures, [f"{job.subject.name}/{job.method}" for job in plan.todo], root)
+        labels = [f"{job.subject.name}/{job.method}" for job in plan.todo]
+        run.scored, run.failures = wait_all(futures, labels, root, config)
     get_run_logger().info(run.summary())
     if run.scored:
         run.version = version_run(root, f"evaluate: {len(run.scored)} evaluations", config.versioning)

@@ -40,7 +40,7 @@ def _make_on_engine(root: Path, config: Config, subjects: list[str] | None) -> t
     needs_model = config.jointsets.synthetic.enabled
     with model_work(config) if needs_model else contextlib.nullcontext():
         futures = on_workers(make_jointsets_task, config, root).map(unmapped(root), unmapped(config), batches)
-    made, failures = wait_all(futures, [f"subjects {b[0]}..{b[-1]}" for b in batches], root)
+    made, failures = wait_all(futures, [f"subjects {b[0]}..{b[-1]}" for b in batches], root, config)
     return list(made.values()), failures
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.engine import forget_results, limit_devices, model_work, on_workers
+from flows.engine import forget_results, limit_devices, model_work, on_workers, workers_store
 from flows.ingest import config_for
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
@@ -38,18 +38,20 @@ class TuneRun:
         return "\n".join(lines)
 
 
-def wait_all(futures, labels: list[str], catalog_root: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def wait_all(futures, labels: list[str], catalog_root: Path, config: Config) -> tuple[dict[str, Any], dict[str, str]]:
     """Wait for every future: (results, failures) by label. One failure is reported,
     never fatal to the others: the task's own error, or the engine's when it gave the task
     up (Dask's KilledWorker after workers died under it, whose task run never finished).
     Rows staged by engine workers are committed here, COMMIT_EVERY tasks to one locked write,
-    so a crash of a long stage loses at most one batch; then their kept results go."""
+    so a crash of a long stage loses at most one batch; then their kept results go, and so
+    do failed tasks' (Prefect keeps the error too)."""
     results, failures, staged, kept = {}, {}, [], []
     for label, future in zip(labels, futures):
         try:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 - each subject's failure is reported, the rest go on
             failures[label] = f"{type(exc).__name__}: {exc}"
+            forget_results(config, catalog_root, _kept_error(future))
             continue
         if isinstance(result, Staged):
             staged.append(result)
@@ -57,22 +59,29 @@ def wait_all(futures, labels: list[str], catalog_root: Path) -> tuple[dict[str, 
             result = result.value
         results[label] = result
         if len(staged) >= COMMIT_EVERY:
-            _commit(catalog_root, staged, kept)
+            _commit(catalog_root, config, staged, kept)
             staged, kept = [], []
     if staged:
-        _commit(catalog_root, staged, kept)
+        _commit(catalog_root, config, staged, kept)
     return results, failures
 
 
-def _commit(catalog_root: Path, staged: list[Staged], kept: list[str]) -> None:
-    uri = next((s.store for s in staged if s.store), "")
+def _commit(catalog_root: Path, config: Config, staged: list[Staged], kept: list[str]) -> None:
+    store = workers_store(config)
     Catalog.open(catalog_root).commit([s.rows for s in staged], [rel for s in staged for rel in s.blobs],
-                                      BlobStore(uri) if uri else None)
-    forget_results(catalog_root, uri, kept)
+                                      BlobStore(store) if store else None)
+    forget_results(config, catalog_root, kept)
 
 
-def _collect(futures, subjects: list[str], root: Path, made: str = TuneRun.made) -> TuneRun:
-    results, failures = wait_all(futures, subjects, root)
+def _kept_error(future) -> list[str]:
+    """Where a failed task's persisted error lies: Prefect writes it under a key of its own."""
+    data = future.state.data
+    key = getattr(getattr(data, "metadata", data), "storage_key", None)
+    return [key] if key else []
+
+
+def _collect(futures, subjects: list[str], root: Path, config: Config, made: str = TuneRun.made) -> TuneRun:
+    results, failures = wait_all(futures, subjects, root, config)
     return TuneRun(list(results.values()), failures, made=made)
 
 
@@ -97,11 +106,11 @@ def _tune(root: Path, method: str, subjects: list[str] | None, config: Config) -
     if registry.get(method).shared:
         with model_work(config, registry.get(method).devices(config)):
             futures = [on_workers(tune_task, config, root).submit(root, None, method, config)]
-        return _collect(futures, [method], root)
+        return _collect(futures, [method], root, config)
     todo = subjects if subjects else stale_subjects_task(root, method, config)
     with model_work(config):
         futures = on_workers(tune_task, config, root).map(unmapped(root), todo, unmapped(method), unmapped(config))
-    return _collect(futures, todo, root)
+    return _collect(futures, todo, root, config)
 
 
 @flow(name="tune-methods", log_prints=True, task_runner=device_task_runner())
@@ -130,7 +139,7 @@ def negatives_flow(catalog: str, method: str, subjects: list[str] | None = None,
     with model_work(config):
         futures = on_workers(negatives_task, config, root).map(unmapped(root), todo, unmapped(method),
                                                                 unmapped(config))
-    return _finish(root, _collect(futures, todo, root), config)
+    return _finish(root, _collect(futures, todo, root, config), config)
 
 
 @flow(name="learn-concepts", log_prints=True)
@@ -141,7 +150,7 @@ def learn_concepts_flow(catalog: str, name: str, sources: list[str], config: Con
     limit_devices(config)
     with model_work(config):
         futures = [on_workers(learn_task, config, root).submit(root, name, sources, config)]
-    return _finish(root, _collect(futures, [name], root, "learned {n} concept set(s)"), config)
+    return _finish(root, _collect(futures, [name], root, config, "learned {n} concept set(s)"), config)
 
 
 @flow(name="generate", log_prints=True)

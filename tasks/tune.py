@@ -112,7 +112,6 @@ class Staged:
     value: Any
     rows: dict[str, pa.Table]
     blobs: list[str]  # what it put to the blob store, for the flow to copy into the catalog first
-    store: str  # that store (execution.blob_store), "" = the catalog folder itself
 
 
 def _on_engine_worker() -> bool:
@@ -153,7 +152,7 @@ def staged_result(catalog: Catalog, value: Any) -> Any:
     """A task's result, with its staged rows and blobs when it ran on an engine worker."""
     if catalog.staged is None:
         return value
-    return Staged(value, catalog.staged, catalog.made, catalog.store.uri if catalog.store else "")
+    return Staged(value, catalog.staged, catalog.made)
 
 
 @task(name="plan-tuning")

@@ -10,10 +10,11 @@ import time
 import pytest
 import yaml
 from distributed import Client, LocalCluster, WorkerPlugin, get_task_stream
+from prefect import flow, task
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.dashboard import dashboard_flow
-from flows.engine import MODEL_RESOURCE, engine, on_engine
+from flows.engine import MODEL_RESOURCE, engine, on_engine, on_workers
 from flows.evaluate import evaluate_flow
 from flows.joint import jointsets_flow
 from flows.tune import tune_flow, wait_all
@@ -118,6 +119,17 @@ def _set_pixels(catalog) -> dict[str, list[bytes]]:
     return {s.set_id: [image.tobytes() for image in s.images] for s in read_sets(catalog, shards)}
 
 
+def _kept_results(flow_run_id, task_name: str) -> list[tuple[str, str]]:
+    """Where a flow run's `task_name` tasks had their results kept: (storage basepath, key)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return [(client.read_block_document(r.state.data.storage_block_id).data["basepath"], r.state.data.storage_key)
+                for r in runs if r.name.startswith(task_name)]
+
+
 def test_ingest_jointsets_and_thumbnails_spread_over_the_workers_and_make_the_local_engines_tables_and_site(
         tmp_path, cluster):
     from flows.ingest import ingest_flow
@@ -133,7 +145,8 @@ def test_ingest_jointsets_and_thumbnails_spread_over_the_workers_and_make_the_lo
                                                     "blob_store": store.uri})
     with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
         with engine(config) as placed:
-            run = on_engine(ingest_flow, placed)(source, str(on_dask.root), placed)
+            state = on_engine(ingest_flow, placed)(source, str(on_dask.root), placed, return_state=True)
+    run = state.result()
     assert run.report.balanced and run.report.ingested == 2 * len(SUBJECTS)
     # CPU work asks for no GPU: both workers took batches, several at once
     assert len({t["worker"] for t in stream.data if t["key"].startswith("process_photos_task")}) == 2
@@ -141,11 +154,15 @@ def test_ingest_jointsets_and_thumbnails_spread_over_the_workers_and_make_the_lo
     normalised = [row["normalised_file"] for row in on_dask.read("images").to_pylist()]
     assert sorted(f.removeprefix("blobs/normalised/") for f in normalised) == store.names("blobs/normalised")
     assert all((on_dask.root / f).is_file() for f in normalised)
-    # each batch's cached result is kept where any worker can read it, not in a worker's home
-    assert sum(name.startswith("process-photos-") for name in store.names("work/results")) == 4  # 8 photos, 2 a batch
+    # each batch's result was kept where any worker can read it, not in a worker's home, and
+    # went once the flow had recorded its photos
+    kept = _kept_results(state.state_details.flow_run_id, "process-photos")
+    assert len(kept) == 4 and {where for where, _ in kept} == {f"{store.uri}/work/results"}  # 8 photos, 2 a batch
+    assert store.names("work/results") == []
 
     local = init_catalog(tmp_path / "local", tiny_config())
     ingest_flow(source, str(local.root), tiny_config(ingest=batches))
+    assert list((local.root / "work" / "results").glob("*")) == []  # kept in the catalog's work folder, then gone
     for table in ("images", "subjects", "quarantine"):
         assert _rows(on_dask, table) == _rows(local, table), table
 
@@ -331,6 +348,10 @@ def test_a_command_without_a_server_runs_a_local_cluster_on_its_own_server_and_l
 class _GivenUp:
     """What a Dask task's future raises once Dask stops re-running it after worker deaths."""
 
+    from prefect.states import Running
+
+    state = Running()  # what the server last heard of its task run: no result of any kind was kept
+
     def result(self):
         from types import SimpleNamespace
 
@@ -346,9 +367,28 @@ class _Finished:
 
 def test_a_subject_the_engine_gave_up_on_is_reported_failed_and_the_others_kept(tmp_path):
     catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=1)
-    results, failures = wait_all([_GivenUp(), _Finished()], ["red_mug", "blue_box"], catalog.root)
+    results, failures = wait_all([_GivenUp(), _Finished()], ["red_mug", "blue_box"], catalog.root, tiny_config())
     assert results == {"blue_box": "adapter"}
     assert failures["red_mug"].startswith("KilledWorker: ") and "tune-sft-red_mug" in failures["red_mug"]
+
+
+@task(name="fails-on-a-worker")
+def _fails(subject: str) -> None:
+    raise ValueError(f"{subject}: no photos")
+
+
+def test_a_failed_tasks_kept_error_goes_once_reported(tmp_path):
+    root = tmp_path / "catalog"
+    config = tiny_config(execution={"engine": "dask", "address": "tcp://127.0.0.1:1"})  # wait_all needs no cluster
+
+    @flow
+    def stage():
+        futures = [on_workers(_fails, config, root).submit(s) for s in ("red_mug", "vase")]
+        return wait_all(futures, ["red_mug", "vase"], root, config)
+
+    results, failures = stage()
+    assert results == {} and failures["vase"] == "ValueError: vase: no photos"
+    assert not list((root / "work" / "results").iterdir())  # Prefect had kept each error there
 
 
 def test_the_refresh_command_takes_the_engine_settings():
