@@ -8,12 +8,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, unmapped
 from tqdm import tqdm
 
-from flows.engine import in_batches, shared_results
+from flows.engine import forget_results, in_batches, shared_results, workers_store
 from flows.versioning import version_run
 from subjectflow.catalog import Catalog, CatalogVersion
 from subjectflow.config import Config, load_config
 from subjectflow.ingest import IngestReport
-from tasks.ingest import list_source_task, plan_ingest_task, process_photos_task, record_ingest_task
+from tasks.ingest import batch_key, list_source_task, plan_ingest_task, process_photos_task, record_ingest_task
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,13 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
     plan = plan_ingest_task(listing, root, config.ingest)
 
     batches = in_batches(plan.todo, config.ingest.batch_size)
-    store = ""
+    batch_task = process_photos_task.with_options(result_storage=shared_results(config, root))
+    store, settings = workers_store(config), config.ingest
     if config.execution.engine == "local":  # a batch at a time, over this machine's worker processes
-        done = (process_photos_task(batch, root, config.ingest) for batch in batches)
+        done = (batch_task(batch, root, settings) for batch in batches)
     else:  # a task per batch, one process each: the engine spreads them over every worker
-        one_process = config.ingest.model_copy(update={"workers": 1})
-        store = config.execution.blob_store
-        batch_task = process_photos_task.with_options(result_storage=shared_results(config, root))
-        done = (f.result() for f in batch_task.map(batches, unmapped(root), unmapped(one_process), unmapped(store)))
+        settings = config.ingest.model_copy(update={"workers": 1})
+        done = (f.result() for f in batch_task.map(batches, unmapped(root), unmapped(settings), unmapped(store)))
     results = []
     with tqdm(total=len(plan.todo), desc="ingest", unit="photo", disable=None) as progress:
         for batch, batch_results in zip(batches, done):
@@ -50,6 +49,9 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
             progress.update(len(batch))
 
     report = record_ingest_task(root, listing, plan, results, config.ingest, store)
+    # Recorded: the next plan skips these photos, so the batches' kept results (there for a
+    # run that dies before this point) would only pile up.
+    forget_results(config, root, [batch_key(batch, root, settings) for batch in batches])
     get_run_logger().info(report.summary())
     version = version_run(root, report.summary(), config.versioning) if report.changed else None
     return IngestRun(report, version)

@@ -32,17 +32,18 @@ def plan_ingest_task(listing: Listing, catalog_root: Path, config: IngestConfig)
     return plan_ingest(listing, Catalog.open(catalog_root), config.settings_hash())
 
 
-def _batch_key(context: TaskRunContext, parameters: dict) -> str:
-    # Keyed by content (size + mtime/ETag per file), settings and destination, so a
-    # retried or resumed run reuses finished batches and any change recomputes.
-    photos: list[SourceFile] = parameters["photos"]
+def batch_key(photos: list[SourceFile], catalog_root: Path, config: IngestConfig) -> str:
+    """Where a batch's result is kept: keyed by content (size + mtime/ETag per file),
+    settings and destination, so a retried or resumed run reuses finished batches and any
+    change recomputes."""
     return "process-photos-" + stable_hash([
-        str(parameters["catalog_root"]),
-        parameters["config"].settings_hash(),
-        parameters["config"].max_pixels,
-        parameters["config"].max_file_mb,
+        str(catalog_root), config.settings_hash(), config.max_pixels, config.max_file_mb,
         [(p.uri, p.fingerprint) for p in photos],
     ])
+
+
+def _batch_key(context: TaskRunContext, parameters: dict) -> str:
+    return batch_key(parameters["photos"], parameters["catalog_root"], parameters["config"])
 
 
 @task(name="process-photos", cache_key_fn=_batch_key, cache_expiration=timedelta(hours=12), persist_result=True)
