@@ -90,12 +90,34 @@ class BlobStore:
                                "the AWS credentials and AWS_ENDPOINT_URL") from exc
 
 
+CACHE_PREFIX = "subjectflow-store-"  # then the owning process's id
+
+
 @functools.lru_cache(maxsize=None)
 def process_cache(uri: str) -> Path:
     """This process's copies of what it put to or read from the store at `uri`: private, so
     a retry in another process reads the store, never a dead worker's leftovers."""
     import atexit
 
-    folder = Path(tempfile.mkdtemp(prefix="subjectflow-store-"))
+    _remove_dead_caches()
+    folder = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def _remove_dead_caches() -> None:
+    """The caches of processes that died without running atexit: a SIGKILLed worker's."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{CACHE_PREFIX}*-*"):
+        pid = folder.name.removeprefix(CACHE_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

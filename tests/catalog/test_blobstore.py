@@ -96,3 +96,25 @@ def test_photo_blobs_made_on_the_store_are_copied_in_not_remade_before_ingest_re
     monkeypatch.setattr(pipeline, "process_photos", lambda *a, **k: pytest.fail("a photo was processed again"))
     assert pipeline.with_blobs_present(results, catalog.root, config, store.uri) == results
     assert all((catalog.root / path).is_file() for path in blobs)
+
+
+def test_a_killed_workers_private_cache_is_removed_by_the_next_process_to_make_one(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from subjectflow.catalog.blobstore import CACHE_PREFIX, process_cache
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (killed.pid, running.pid):
+            (tmp_path / f"{CACHE_PREFIX}{pid}-abc" / "blobs").mkdir(parents=True)
+        killed.kill()  # SIGKILL: its atexit never ran
+        killed.wait()
+        mine = process_cache(f"s3://bucket/{tmp_path.name}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{CACHE_PREFIX}{running.pid}-abc", mine.name])
+    finally:
+        running.kill()
+        running.wait()
