@@ -69,11 +69,14 @@ def test_a_typo_in_params_yaml_fails_before_any_work(tmp_path, capfd):
 
 @pytest.mark.parametrize("api_url, heartbeat", [(None, None), ("http://127.0.0.1:4200/api", 180)])
 def test_flows_skip_heartbeats_only_on_a_temporary_server(monkeypatch, api_url, heartbeat):
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings,
+    )
 
     seen = []
     parser = build_parser()
-    parser._subparsers._group_actions[0].choices["methods"].set_defaults(fn=lambda args: seen.append(get_current_settings().flows.heartbeat_frequency) or 0)
+    methods = parser._subparsers._group_actions[0].choices["methods"]
+    methods.set_defaults(fn=lambda args: seen.append(get_current_settings().flows.heartbeat_frequency) or 0)
     monkeypatch.setattr("flows.cli.build_parser", lambda: parser)
     with temporary_settings({PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):
         assert main(["methods"]) == 0
