@@ -15,6 +15,7 @@ command) is for trying the engine out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -36,20 +37,19 @@ RAY_OBJECT_STORE_BYTES = 256 * 2**20  # tasks pass ids and small rows; Ray's def
 RESULTS_DIR = "results"  # engine tasks' kept results, under the work folder (on_workers)
 
 
-def task_runner(config: Config) -> TaskRunner:
-    execution = config.execution
-    if execution.engine == "local":
+def task_runner(engine_name: str, address: str) -> TaskRunner:
+    if engine_name == "local":
         return device_task_runner()
-    if not execution.address:
-        raise ConfigError(f"execution.engine {execution.engine}: run flows inside `engine(config)`, which sets "
+    if not address:
+        raise ConfigError(f"execution.engine {engine_name}: run flows inside `engine(config)`, which sets "
                           "execution.address")
-    if execution.engine == "dask":
+    if engine_name == "dask":
         from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(address=execution.address)
+        return DaskTaskRunner(address=address)
     from prefect_ray import RayTaskRunner
 
-    return RayTaskRunner(address=execution.address)  # finds the Ray that `engine` connected to
+    return RayTaskRunner(address=address)  # finds the Ray that `engine` connected to
 
 
 def in_batches(items: list, size: int) -> list[list]:
@@ -59,7 +59,14 @@ def in_batches(items: list, size: int) -> list[list]:
 
 def on_engine(flow: Any, config: Config) -> Any:
     """`flow` with its tasks on the configured engine."""
-    return flow.with_options(task_runner=task_runner(config))
+    return _on_runner(flow, config.execution.engine, config.execution.address)
+
+
+@functools.lru_cache(maxsize=None)
+def _on_runner(flow: Any, engine_name: str, address: str) -> Any:
+    # One copy per flow and engine: each copy builds the flow's parameter schema again (0.1 s
+    # with a Config in it, every stage of every refresh), and each run duplicates the runner.
+    return flow.with_options(task_runner=task_runner(engine_name, address))
 
 
 def on_workers(task: Any, config: Config, catalog_root: Path) -> Any:
