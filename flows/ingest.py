@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.utilities.annotations import quote
 from tqdm import tqdm
 
 from flows.engine import forget_results, in_batches, shared_results, workers_store
@@ -32,7 +33,9 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
     root = Catalog.open(Path(catalog)).root
     config = config_for(Catalog.open(root), config)
     listing = list_source_task(source)
-    plan = plan_ingest_task(listing, root, config.ingest)
+    # quote(): Prefect would walk every file of a listing, plan or result list, twice per
+    # task call, looking for futures (2.3 s of a no-change refresh at 1,000 subjects).
+    plan = plan_ingest_task(quote(listing), root, config.ingest)
 
     batches = in_batches(plan.todo, config.ingest.batch_size)
     batch_task = process_photos_task.with_options(result_storage=shared_results(config, root))
@@ -48,7 +51,7 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
             results += batch_results
             progress.update(len(batch))
 
-    report = record_ingest_task(root, listing, plan, results, config.ingest, store)
+    report = record_ingest_task(root, quote(listing), quote(plan), quote(results), config.ingest, store)
     # Recorded: the next plan skips these photos, so the batches' kept results (there for a
     # run that dies before this point) would only pile up.
     forget_results(config, root, [batch_key(batch, root, settings) for batch in batches])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.utilities.annotations import quote
 
 from flows.engine import in_batches, model_work, on_workers
 from flows.ingest import config_for
@@ -54,7 +55,7 @@ def jointsets_flow(catalog: str, subjects: list[str] | None = None, config: Conf
         batches, failures = [make_jointsets_task(root, config, subjects)], {}
     else:
         batches, failures = _make_on_engine(root, config, subjects)
-    run = JointSetsRun(record_jointsets_task(root, batches), failures=failures)
+    run = JointSetsRun(record_jointsets_task(root, quote(batches)), failures=failures)  # quote: see flows/ingest.py
     get_run_logger().info(run.summary())
     if any(run.report.made.values()) or run.report.removed:
         run.version = version_run(root, run.report.summary(), config.versioning)
