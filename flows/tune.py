@@ -3,6 +3,7 @@ catalog version. Which methods exist and what each needs is the registry's busin
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,13 @@ def wait_all(futures, labels: list[str], catalog_root: Path, config: Config) -> 
     Rows staged by engine workers are committed here, COMMIT_EVERY tasks to one locked write,
     so a crash of a long stage loses at most one batch; then their kept results go, and so
     do failed tasks' (Prefect keeps the error too)."""
-    results, failures, staged, kept = {}, {}, [], []
+    results, failures, staged, kept, failed = {}, {}, [], [], []
     for label, future in zip(labels, futures):
         try:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 - each subject's failure is reported, the rest go on
             failures[label] = f"{type(exc).__name__}: {exc}"
-            forget_results(config, catalog_root, _kept_error(future))
+            failed.append(future)
             continue
         if isinstance(result, Staged):
             staged.append(result)
@@ -63,6 +64,7 @@ def wait_all(futures, labels: list[str], catalog_root: Path, config: Config) -> 
             staged, kept = [], []
     if staged:
         _commit(catalog_root, config, staged, kept)
+    _forget_errors(catalog_root, config, failed)
     return results, failures
 
 
@@ -73,11 +75,15 @@ def _commit(catalog_root: Path, config: Config, staged: list[Staged], kept: list
     forget_results(config, catalog_root, kept)
 
 
-def _kept_error(future) -> list[str]:
-    """Where a failed task's persisted error lies: Prefect writes it under a key of its own."""
-    data = future.state.data
-    key = getattr(getattr(data, "metadata", data), "storage_key", None)
-    return [key] if key else []
+def _forget_errors(catalog_root: Path, config: Config, failed: list) -> None:
+    """Delete failed tasks' persisted errors, which Prefect keeps under keys of their own. A
+    server or store that cannot be reached leaves them behind; it never costs the stage."""
+    try:
+        keys = [data.storage_key for data in (getattr(f.state.data, "metadata", f.state.data) for f in failed)
+                if getattr(data, "storage_key", None)]
+        forget_results(config, catalog_root, keys)
+    except Exception as exc:  # noqa: BLE001 - a cleanup, after every failure was reported
+        logging.getLogger(__name__).warning("failed tasks' kept errors not deleted: %s", exc)
 
 
 def _collect(futures, subjects: list[str], root: Path, config: Config, made: str = TuneRun.made) -> TuneRun:

@@ -372,6 +372,18 @@ def test_a_subject_the_engine_gave_up_on_is_reported_failed_and_the_others_kept(
     assert failures["red_mug"].startswith("KilledWorker: ") and "tune-sft-red_mug" in failures["red_mug"]
 
 
+class _ServerGone(_GivenUp):
+    @property
+    def state(self):  # what the flow asks the server once the engine gave the task up
+        raise ConnectionError("the Prefect server went away")
+
+
+def test_failed_tasks_errors_that_cannot_be_deleted_cost_nothing_else(tmp_path):
+    catalog = ingested_catalog(tmp_path, subjects=("vase",), per_subject=1)
+    results, failures = wait_all([_ServerGone(), _Finished()], ["red_mug", "blue_box"], catalog.root, tiny_config())
+    assert results == {"blue_box": "adapter"} and failures["red_mug"].startswith("KilledWorker: ")
+
+
 @task(name="fails-on-a-worker")
 def _fails(subject: str) -> None:
     raise ValueError(f"{subject}: no photos")
