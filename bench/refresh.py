@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from flows.cli import without_heartbeats  # noqa: E402
+from flows.cli import heartbeats_where_watched  # noqa: E402
 from flows.refresh import catalog_refresh  # noqa: E402
 from subjectflow.catalog import init_catalog  # noqa: E402
 from subjectflow.config import load_config  # noqa: E402
@@ -116,13 +116,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.reuse:
         print(f"{'subjects':>9} {'no change s':>12} {'items made':>10}")
-        with without_heartbeats():
+        with heartbeats_where_watched():
             results = [no_change_again(size, args.out) for size in sorted(args.sizes)]
         (args.out / "reused.json").write_text(json.dumps(results, indent=2) + "\n")
         return
     print(f"{'subjects':>9} {'initial s':>11} {'no change s':>12} {'one photo s':>12} {'items made':>10}"
           f" {'peak GiB':>9}")
-    with without_heartbeats():  # as the CLI runs flows on its temporary server
+    with heartbeats_where_watched():  # as the CLI runs flows
         results = [measure(size, args.out) for size in sorted(args.sizes)]
     print()
     for a, b in zip(results, results[1:]):

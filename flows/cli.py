@@ -575,6 +575,13 @@ def without_heartbeats() -> Iterator[None]:
         yield
 
 
+def heartbeats_where_watched() -> contextlib.AbstractContextManager:
+    """`without_heartbeats` on a temporary server; a real one (PREFECT_API_URL) keeps them."""
+    from prefect.settings import PREFECT_API_URL
+
+    return contextlib.nullcontext() if PREFECT_API_URL.value() else without_heartbeats()
+
+
 def _server_did_not_start(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, RuntimeError) and SERVER_TIMEOUT in str(exc):
@@ -590,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", SERVER_STARTUP_S)
     try:
-        from prefect.settings import PREFECT_API_URL
-
-        with contextlib.nullcontext() if PREFECT_API_URL.value() else without_heartbeats():  # a real server keeps them
+        with heartbeats_where_watched():
             return args.fn(args)
     except (SourceError, CatalogError, ConfigError, ModelNotAvailable) as exc:
         print(f"subjectflow: error: {exc}", file=sys.stderr)
