@@ -79,11 +79,14 @@ def _forget_errors(catalog_root: Path, config: Config, failed: list) -> None:
     """Delete failed tasks' persisted errors, which Prefect keeps under keys of their own. A
     server or store that cannot be reached leaves them behind; it never costs the stage."""
     try:
-        keys = [data.storage_key for data in (getattr(f.state.data, "metadata", f.state.data) for f in failed)
-                if getattr(data, "storage_key", None)]
-        forget_results(config, catalog_root, keys)
+        forget_results(config, catalog_root, [key for key in map(_error_key, failed) if key])
     except Exception as exc:  # noqa: BLE001 - a cleanup, after every failure was reported
         logging.getLogger(__name__).warning("failed tasks' kept errors not deleted: %s", exc)
+
+
+def _error_key(future) -> str | None:
+    data = future.state.data  # read once: for a task the engine gave up on, it asks the server
+    return getattr(getattr(data, "metadata", data), "storage_key", None)
 
 
 def _collect(futures, subjects: list[str], root: Path, config: Config, made: str = TuneRun.made) -> TuneRun:
