@@ -12,9 +12,10 @@ process so that workers do not fight over the cores:
                    (the behaviour before models/resident.py) and on.
   blob store       subjects/s of the same tuning on 2 Dask GPUs with workers' blobs and
                    checkpoints in the catalog folder, then on an S3 store (moto on 127.0.0.1).
-  task payload     bytes a cluster task carries: Prefect's serialized run context (which
-                   holds the flow's parameters) and a tune task's own arguments, for a
-                   flow given no subject list (the nightly refresh) and 1,000 or 10,000 names.
+  task payload     bytes a cluster task carries: Prefect's serialized run context, whole
+                   (it holds the flow's parameters) and as the engine ships it (without
+                   them), and a tune task's own arguments, for a flow given no subject list
+                   (the nightly refresh) and 1,000 or 10,000 names.
 
 Run: .venv/bin/python -m bench.scaleout [--subjects 6] [--steps 20]  (from the repository root)
 Writes OUT/results.json.
@@ -44,7 +45,7 @@ from prefect.context import serialize_context  # noqa: E402
 
 from bench.local_s3 import local_s3  # noqa: E402
 from bench.refresh import TINY, write_source  # noqa: E402
-from flows.engine import MODEL_RESOURCE, engine, on_engine, prefect_api  # noqa: E402
+from flows.engine import MODEL_RESOURCE, engine, on_engine, prefect_api, without_flow_parameters  # noqa: E402
 from flows.ingest import ingest_flow  # noqa: E402
 from flows.refresh import catalog_refresh  # noqa: E402
 from flows.tune import tune_flow  # noqa: E402
@@ -178,16 +179,20 @@ def _noop(root: str, subject: str, method: str, config: Config) -> None:
 
 
 @flow
-def _context_bytes(catalog: str, subjects: list[str] | None, config: Config) -> tuple[int, int]:
+def _context_bytes(catalog: str, subjects: list[str] | None, config: Config) -> tuple[int, int, int]:
     arguments = {"root": catalog, "subject": "subject-00000", "method": "sft", "config": config}
-    return len(cloudpickle.dumps(serialize_context())), len(cloudpickle.dumps((_noop, arguments)))
+    whole = len(cloudpickle.dumps(serialize_context()))
+    with without_flow_parameters():  # what the engine's task runners ship
+        shipped = len(cloudpickle.dumps(serialize_context()))
+    return whole, shipped, len(cloudpickle.dumps((_noop, arguments)))
 
 
 def payload(config: Config) -> dict:
     sizes = {}
     for count in (0, 1000, 10000):
         names = [f"subject-{i:05d}" for i in range(count)] or None
-        sizes[count] = dict(zip(("context_bytes", "task_bytes"), _context_bytes("catalog", names, config)))
+        sizes[count] = dict(zip(("flow_context_bytes", "shipped_context_bytes", "task_bytes"),
+                                _context_bytes("catalog", names, config)))
     return sizes
 
 
@@ -227,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if "payload" in results:
         print("bytes a cluster task carries (Prefect's run context + a tune task's arguments)")
         for count, sizes in results["payload"].items():
-            print(f"  flow given {count or 'no'} subject names: context {sizes['context_bytes'] / 1e3:.1f} KB, "
-                  f"task {sizes['task_bytes'] / 1e3:.1f} KB")
+            print(f"  flow given {count or 'no'} subject names: flow's context {sizes['flow_context_bytes'] / 1e3:.1f}"
+                  f" KB, shipped {sizes['shipped_context_bytes'] / 1e3:.1f} KB, task {sizes['task_bytes'] / 1e3:.1f} KB")
     if "blob_store" in results:
         print(f"tuning {args.subjects} subjects on 2 Dask GPUs, by where workers put blobs (subjects/s, x folder)")
         for label, rate in results["blob_store"].items():

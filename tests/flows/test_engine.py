@@ -11,6 +11,7 @@ import pytest
 import yaml
 from distributed import Client, LocalCluster, WorkerPlugin, get_task_stream
 from prefect import flow, task
+from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.dashboard import dashboard_flow
@@ -104,6 +105,25 @@ def test_tuning_and_evaluation_on_the_cluster_and_an_s3_store_make_the_local_eng
     for worker in {w for w, _, _ in spans}:
         mine = sorted((start, stop) for w, start, stop in spans if w == worker)
         assert all(next_start > stop - 0.5 for (_, stop), (next_start, _) in zip(mine, mine[1:])), mine
+
+
+@task
+def _flow_run_on_a_worker() -> tuple[str, dict, dict]:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id), context.parameters, context.flow_run.parameters
+
+
+def test_a_task_on_the_engine_runs_under_its_flow_run_without_the_flows_subject_list(cluster):
+    @flow
+    def stage(subjects: list[str]):
+        here = FlowRunContext.get()
+        return str(here.flow_run.id), _flow_run_on_a_worker.submit().result(), here.parameters
+
+    names = [f"subject-{i:05d}" for i in range(1000)]
+    config = tiny_config(execution={"engine": "dask", "address": cluster.scheduler_address})
+    flow_run_id, (seen_id, parameters, run_parameters), after = on_engine(stage, config)(names)
+    assert seen_id == flow_run_id and parameters == {} and run_parameters == {}
+    assert after == {"subjects": names}  # the flow's own context is whole again
 
 
 def _rows(catalog, table: str, but: str = "") -> list[dict]:
