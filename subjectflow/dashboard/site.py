@@ -146,7 +146,7 @@ def _names(folder: Path) -> list[str]:
         return []
 
 
-def _link_or_copy(src: Path, dest: Path) -> None:
+def _link_or_copy(src: str | Path, dest: str | Path) -> None:
     try:
         os.link(src, dest)
     except OSError:  # a filesystem without hard links still gets the file
@@ -199,21 +199,22 @@ class Thumbnails:
     def _ready(self, key: str) -> bool:
         return key in self._made or key in self.unreadable or self._found(key) is not None
 
-    def _found(self, key: str) -> tuple[Path, bool] | None:
+    def _found(self, key: str, name: str | None = None) -> tuple[str, bool] | None:
         """Where a thumbnail made before this build is, and whether it was made for it."""
-        name = self._name(key)
+        name = name or self._name(key)
         for folder, fresh in ((self.made, True), (self.previous, False)):
             if folder is not None and name.removeprefix(f"{THUMBS_DIR}/") in self._there[folder]:
-                return folder / name, fresh
+                # os.path, not pathlib: joining 18,000 Paths cost 0.3 s of a 1,000-subject rebuild
+                return os.path.join(folder, name), fresh
         return None
 
     def _thumb(self, key: str, load: Callable[[], Path | bytes]) -> Thumb:
         if key in self._made:
             return self._made[key]
         name = self._name(key)
-        found = self._found(key)
+        found = self._found(key, name)
         if found is not None:
-            _link_or_copy(found[0], self.site / name)
+            _link_or_copy(found[0], os.path.join(self.site, name))
             self.written += found[1]
             self.reused += not found[1]
             thumb = Thumb(name)

@@ -10,7 +10,6 @@ anything with structure the model could mistake for part of the subject.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,9 @@ class Augmentation:
     background: tuple[Colour, Colour] | None  # gradient top and bottom colours, or kept
 
     def as_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Fields are scalars and tuples of them: no deep copy (`dataclasses.asdict` was half
+        # of planning a 1,000-subject catalog's joint sets).
+        return dict(vars(self))
 
     @property
     def replaced_background(self) -> bool:

@@ -9,7 +9,6 @@ every negative; sampling itself lives with the models.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +86,10 @@ class Degradation:
             raise ValueError(f"Degradation.seed must be an integer >= 0, got {self.seed!r}")
 
     def as_record(self) -> dict[str, Any]:
-        """Plain-typed fields for catalog storage; `Degradation(**record)` rebuilds it."""
-        return dataclasses.asdict(self)
+        """Plain-typed fields for catalog storage; `Degradation(**record)` rebuilds it. Every
+        field is a scalar, so no deep copy (`dataclasses.asdict`, a third of the time a
+        1,000-subject refresh spends finding SFO's stale subjects)."""
+        return dict(vars(self))
 
     def degrade(self, image: Image.Image) -> Image.Image:
         """The blurred reference this degradation conditions on."""

@@ -33,15 +33,11 @@ def planned_negatives(subject: Subject, config: Config, generator_id: str, base:
                       generator: str = GENERATOR) -> Planned:
     """Every negative the subject needs from the generator artefact `generator_id`."""
     cfg = config.negatives
-    planned = []
-    for image in subject.images:
-        for k in range(cfg.per_photo):
-            degradation = Degradation.for_photo(subject.class_name, config.train.resolution, seed=cfg.seed + k,
-                                                strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance,
-                                                radius_at_512=cfg.radius_at_512)
-            planned.append((negative_id(image["image_id"], degradation, generator, generator_id, base),
-                            image, degradation))
-    return planned
+    degradations = [Degradation.for_photo(subject.class_name, config.train.resolution, seed=cfg.seed + k,
+                                          strength=cfg.strength, steps=cfg.steps, guidance=cfg.guidance,
+                                          radius_at_512=cfg.radius_at_512) for k in range(cfg.per_photo)]
+    return [(negative_id(image["image_id"], degradation, generator, generator_id, base), image, degradation)
+            for image in subject.images for degradation in degradations]
 
 
 def negative_row(catalog: Catalog, subject: Subject, planned: tuple[str, dict, Degradation], png: bytes,
