@@ -166,6 +166,15 @@ class Catalog:
             parts.append(table)
         return pa.concat_tables(parts) if parts else spec.schema.empty_table()
 
+    def parts(self, name: str) -> dict[str, str] | None:
+        """A partitioned table's part file per bucket (`tables.bucket_of`): a bucket whose rows
+        changed has a new one, so comparing them finds what changed without reading rows.
+        None when the table is one file on disk, or has rows staged on top."""
+        files = self._files(name)
+        if (self.staged and name in self.staged) or not files.partitioned:
+            return None
+        return files.parts()
+
     def write(self, name: str, table: pa.Table) -> None:
         """Replace a table atomically. Callers that read-modify-write hold `writer()`."""
         if self.staged is not None:

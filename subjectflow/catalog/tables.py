@@ -71,7 +71,7 @@ class TableFiles:
     def paths(self, buckets: set[str] | None = None) -> list[Path]:
         """The files holding the table (only those of `buckets`, when partitioned)."""
         if self.partitioned:
-            parts = self._parts()
+            parts = self.parts()
             return [self.directory / name for bucket, name in sorted(parts.items())
                     if buckets is None or bucket in buckets]
         return [self.single] if self.single.exists() else []
@@ -105,7 +105,7 @@ class TableFiles:
         if not self.spec.partition_by:
             atomic_write_bytes(self.single, _parquet_bytes(table))
             return
-        parts = self._parts() if buckets is not None else {}
+        parts = self.parts() if buckets is not None else {}
         for bucket in buckets or ():
             parts.pop(bucket, None)
         for bucket, rows in self.buckets(table).items():
@@ -129,7 +129,8 @@ class TableFiles:
         _PARTS.put(self.directory / name, rows)
         return name
 
-    def _parts(self) -> dict[str, str]:
+    def parts(self) -> dict[str, str]:
+        """bucket -> its part file, named by the hash of its bytes."""
         return json.loads(self.manifest.read_text())["parts"]
 
 

@@ -6,6 +6,11 @@ opens from file://, and can be moved or zipped. A build is written into a hidden
 folder beside `out_dir` and swapped in at the end: a crash leaves the previous site, never
 a half-written one.
 
+A subject page is kept from the previous site when nothing it shows changed: its key
+hashes the subject's row, its list page, the part files of its bucket in every
+per-subject table (named by their bytes), the models table and this package's code.
+`PAGES_FILE` records each page's key and thumbnails for the next build.
+
 Thumbnails are named after what they shrink (a blob path, or a shard path plus member;
 blobs are content-addressed, so the name pins the pixels) and a rebuild hard-links
 them from the previous site instead of decoding every photo again. The ones a build
@@ -33,6 +38,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..catalog import TABLES, Catalog, CatalogError, list_versions
+from ..catalog.tables import bucket_of
+from ..config import stable_hash
 from ..training.subjects import scored_as
 from . import pages
 from .pages import ConceptSet, Entry, Thumb, Trend
@@ -45,6 +52,9 @@ THUMB_QUALITY = 85
 THUMB_RECIPE = f"{THUMB_PX}px-jpeg-q{THUMB_QUALITY}"
 UNREADABLE = "unreadable.json"  # in a `made` folder: key -> why its source could not be read
 MARKER = ".subjectflow-dashboard"  # what lets a rebuild replace the folder safely
+PAGES_FILE = ".subjectflow-pages.json"  # subject_id -> its page's key, cover and thumbnails
+# Part of every page's key: a change to how pages are made remakes them all.
+CODE = stable_hash([Path(__file__).with_name(name).read_text() for name in ("site.py", "pages.py", "plots.py")])
 # Tables whose rows belong to one subject, grouped once so no page scans a whole table.
 PER_SUBJECT = ("images", "negatives", "jointsets", "samples", "adapters", "metrics", "prompt_metrics")
 SAFE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
@@ -66,6 +76,7 @@ class DashboardSite:
     thumbs_written: int
     thumbs_reused: int
     missing: list[str]  # images shown as placeholders, each with the reason
+    pages_reused: int = 0  # subject pages kept from the previous site, nothing on them changed
 
 
 def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50, made: Path | None = None) -> DashboardSite:
@@ -82,7 +93,7 @@ def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50, made: 
     staging.mkdir()
     try:
         thumbs = Thumbnails(catalog, staging, previous=out_dir if out_dir.exists() else None, made=made)
-        list_pages, subject_pages = _write_site(catalog, staging, thumbs, page_size)
+        list_pages, subject_pages, pages_reused = _write_site(catalog, staging, thumbs, page_size)
         _swap(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -95,6 +106,7 @@ def build_dashboard(catalog: Catalog, out_dir: Path, page_size: int = 50, made: 
         thumbs_written=thumbs.written,
         thumbs_reused=thumbs.reused,
         missing=thumbs.missing,
+        pages_reused=pages_reused,
     )
 
 
@@ -166,7 +178,9 @@ class Thumbnails:
         self.written = 0
         self.reused = 0
         self.missing: list[str] = []
+        self.used: set[str | None] = set()  # what the page being made shows (None: a placeholder)
         self._made: dict[str, Thumb] = {}
+        self._in_site: set[str] = set()
         # Listed once: a stat per thumbnail and folder cost 0.5 s of a 1,000-subject build.
         self._there = {folder: set(_names(folder / THUMBS_DIR)) for folder in (made, previous) if folder}
         (site / THUMBS_DIR).mkdir()
@@ -208,15 +222,34 @@ class Thumbnails:
                 return os.path.join(folder, name), fresh
         return None
 
+    def have(self, names: list[str]) -> bool:
+        """Whether the previous site has all these thumbnails."""
+        there = self._there.get(self.previous, set()) if self.previous else set()
+        return all(name.removeprefix(f"{THUMBS_DIR}/") in there for name in names)
+
+    def reuse(self, names: list[str]) -> None:
+        """Link a kept page's thumbnails (`have`) from the previous site."""
+        for name in names:
+            self._link(os.path.join(self.previous, name), name, fresh=False)
+
+    def _link(self, found: str, name: str, fresh: bool) -> None:
+        if name in self._in_site:  # a thumbnail two pages show
+            return
+        _link_or_copy(found, os.path.join(self.site, name))
+        self._in_site.add(name)
+        self.written += fresh
+        self.reused += not fresh
+
     def _thumb(self, key: str, load: Callable[[], Path | bytes]) -> Thumb:
-        if key in self._made:
-            return self._made[key]
+        thumb = self._made[key] if key in self._made else self._make(key, load)
+        self.used.add(thumb.src)
+        return thumb
+
+    def _make(self, key: str, load: Callable[[], Path | bytes]) -> Thumb:
         name = self._name(key)
         found = self._found(key, name)
         if found is not None:
-            _link_or_copy(found[0], os.path.join(self.site, name))
-            self.written += found[1]
-            self.reused += not found[1]
+            self._link(found[0], name, fresh=found[1])
             thumb = Thumb(name)
         else:
             made = self.unreadable.get(key) or _shrunk(load)
@@ -225,6 +258,7 @@ class Thumbnails:
                 self.missing.append(f"{key}: {made}")
             else:
                 (self.site / name).write_bytes(made)
+                self._in_site.add(name)
                 self.written += 1
                 thumb = Thumb(name)
         self._made[key] = thumb
@@ -357,20 +391,13 @@ def list_href(number: int) -> str:
     return "index.html" if number == 1 else f"subjects-{number}.html"
 
 
-def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails, page_size: int) -> tuple[list[str], list[str]]:
+def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails,
+                page_size: int) -> tuple[list[str], list[str], int]:
     tables = {name: catalog.read(name) for name in TABLES}
     subjects = sorted(tables["subjects"].to_pylist(), key=lambda r: (r["name"].casefold(), r["subject_id"]))
-    by_table = {name: group_by(tables[name].to_pylist(), "subject_id") for name in PER_SUBJECT}
-    models = {r["model_id"]: r for r in tables["models"].to_pylist()}
     hrefs = [list_href(n) for n in range(1, max(1, -(-len(subjects) // page_size)) + 1)]
-
-    (site / SUBJECTS_DIR).mkdir()
-    entries = []
-    for i, subject in enumerate(subjects):
-        rows = {name: groups.get(subject["subject_id"], []) for name, groups in by_table.items()}
-        entry, html = _subject(subject, rows, models, thumbs, hrefs[i // page_size])
-        (site / entry.href).write_text(html, encoding="utf-8")
-        entries.append(entry)
+    list_pages = [hrefs[i // page_size] for i in range(len(subjects))]
+    entries, reused = _subject_pages(catalog, site, tables, subjects, list_pages, thumbs)
 
     (site / pages.STYLESHEET).write_text(pages.CSS, encoding="utf-8")
     for number, href in enumerate(hrefs[1:], start=2):
@@ -388,7 +415,73 @@ def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails, page_size: int
                              metric_trends(tables["metrics"]), runs, concept_sets)
     (site / hrefs[0]).write_text(index, encoding="utf-8")
     (site / MARKER).write_text("written by `subjectflow dashboard`; rebuilding replaces this folder\n")
-    return hrefs, [e.href for e in entries]
+    return hrefs, [e.href for e in entries], reused
+
+
+def _subject_pages(catalog: Catalog, site: Path, tables: dict[str, pa.Table], subjects: list[dict],
+                   list_pages: list[str], thumbs: Thumbnails) -> tuple[list[Entry], int]:
+    """Each subject's page, and its entry in the list; a page nothing on which changed is
+    kept from the previous site. Returns the entries and how many pages were kept."""
+    page_key, before = _page_keys(catalog, tables), _kept_pages(thumbs.previous)
+    keys = [page_key(subject, page) for subject, page in zip(subjects, list_pages)]
+    kept = {s["subject_id"]: before[s["subject_id"]] for s, key in zip(subjects, keys)
+            if key is not None and before.get(s["subject_id"], {}).get("key") == key
+            and os.path.exists(os.path.join(thumbs.previous, subject_href(s["subject_id"])))
+            and thumbs.have(before[s["subject_id"]]["thumbs"])}
+    # Rows only for the pages made again (a third of a 1,000-subject rebuild was turning
+    # every row into a dict); a kept page's list entry needs just its scores.
+    remade = [s["subject_id"] for s in subjects if s["subject_id"] not in kept]
+    by_table = {name: group_by(_rows_of(tables[name], None if name == "metrics" else remade), "subject_id")
+                for name in PER_SUBJECT}
+    models = {r["model_id"]: r for r in tables["models"].to_pylist()}
+
+    (site / SUBJECTS_DIR).mkdir()
+    entries, made = [], {}
+    for subject, list_page, key in zip(subjects, list_pages, keys):
+        sid = subject["subject_id"]
+        rows = {name: groups.get(sid, []) for name, groups in by_table.items()}
+        if sid in kept:
+            thumbs.reuse(kept[sid]["thumbs"])
+            entry = Entry(subject, subject_href(sid), Thumb(*kept[sid]["cover"]), latest_scores(rows["metrics"]))
+            _link_or_copy(os.path.join(thumbs.previous, entry.href), os.path.join(site, entry.href))
+            made[sid] = kept[sid]
+        else:
+            thumbs.used = set()
+            entry, html = _subject(subject, rows, models, thumbs, list_page)
+            (site / entry.href).write_text(html, encoding="utf-8")
+            if key is not None and None not in thumbs.used:  # a placeholder is tried again next build
+                made[sid] = {"key": key, "cover": [entry.cover.src, entry.cover.note], "thumbs": sorted(thumbs.used)}
+        entries.append(entry)
+    (site / PAGES_FILE).write_text(json.dumps(made, sort_keys=True), encoding="utf-8")
+    return entries, len(kept)
+
+
+def _rows_of(table: pa.Table, subject_ids: list[str] | None) -> list[dict]:
+    if subject_ids is None:
+        return table.to_pylist()
+    return table.filter(pc.is_in(table["subject_id"], value_set=pa.array(subject_ids, pa.string()))).to_pylist()
+
+
+def _page_keys(catalog: Catalog, tables: dict[str, pa.Table]) -> Callable[[dict, str], str | None]:
+    """A subject page's key, from what it shows (see the module's docstring); None for
+    every page when a per-subject table is not partitioned by subject on disk."""
+    parts = {name: catalog.parts(name) for name in PER_SUBJECT}
+    if any(p is None or TABLES[name].partition_by != "subject_id" for name, p in parts.items()):
+        return lambda subject, list_page: None
+    models = stable_hash(tables["models"].to_pylist())
+
+    def key(subject: dict, list_page: str) -> str:
+        bucket = bucket_of(subject["subject_id"])
+        return stable_hash([CODE, subject, list_page, models, [parts[name].get(bucket) for name in PER_SUBJECT]])
+    return key
+
+
+def _kept_pages(previous: Path | None) -> dict[str, dict]:
+    """The previous site's `PAGES_FILE`; none from a site that has no readable one."""
+    try:
+        return json.loads((previous / PAGES_FILE).read_text(encoding="utf-8")) if previous else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict], thumbs: Thumbnails,

@@ -187,6 +187,24 @@ def test_refuses_to_replace_a_folder_it_did_not_write(filled_catalog, tmp_path):
     assert (precious / "todo.txt").read_text() == "keep me"
 
 
+def _files(site: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(site)): f.read_bytes() for f in sorted(site.rglob("*")) if f.is_file()}
+
+
+def test_a_rebuild_keeps_the_pages_nothing_changed_on_and_equals_a_fresh_build(filled_catalog, tmp_path):
+    catalog = filled_catalog.catalog
+    assert build_dashboard(catalog, tmp_path / "site").pages_reused == 0
+    # vase shows a placeholder (its mask blob is lost), so its page is made again each time
+    assert build_dashboard(catalog, tmp_path / "site").pages_reused == 2
+    with catalog.writer():  # teapot gets a newer score; tom_and_jerry's rows stay as they were
+        catalog.upsert("metrics", pa.Table.from_pylist([metric_row("teapot", "sfo", "dino", 0.91, 4)],
+                                                       schema=METRICS.schema))
+    again = build_dashboard(catalog, tmp_path / "site")
+    assert again.pages_reused == 1 and ">0.91<" in (tmp_path / "site" / subject_href("teapot")).read_text()
+    build_dashboard(catalog, tmp_path / "fresh")
+    assert _files(tmp_path / "site") == _files(tmp_path / "fresh")
+
+
 def test_a_thousand_subjects_build_in_seconds_and_a_rebuild_reuses_thumbnails(bulk_catalog, tmp_path):
     started = time.perf_counter()
     first = build_dashboard(bulk_catalog, tmp_path / "site")
@@ -198,7 +216,7 @@ def test_a_thousand_subjects_build_in_seconds_and_a_rebuild_reuses_thumbnails(bu
 
     assert first.subjects == 1000 and len(first.pages) == 20 and first.missing == []
     assert first.thumbs_written == 6000  # a photo thumbnail and a mask for each of 3,000 photos
-    assert (again.thumbs_written, again.thumbs_reused) == (0, 6000)
+    assert (again.thumbs_written, again.thumbs_reused, again.pages_reused) == (0, 6000, 1000)
     assert len(list((tmp_path / "site" / "thumbs").iterdir())) == 6000
     assert first_s < 60 and again_s < 60
 
