@@ -53,8 +53,10 @@ THUMB_RECIPE = f"{THUMB_PX}px-jpeg-q{THUMB_QUALITY}"
 UNREADABLE = "unreadable.json"  # in a `made` folder: key -> why its source could not be read
 MARKER = ".subjectflow-dashboard"  # what lets a rebuild replace the folder safely
 PAGES_FILE = ".subjectflow-pages.json"  # subject_id -> its page's key, cover and thumbnails
-# Part of every page's key: a change to how pages are made remakes them all.
-CODE = stable_hash([Path(__file__).with_name(name).read_text() for name in ("site.py", "pages.py", "plots.py")])
+# Part of every page's key: a change to how pages are made (or to how scores are labelled,
+# training/subjects.py) remakes them all.
+CODE = stable_hash([(Path(__file__).parent / name).read_text()
+                    for name in ("site.py", "pages.py", "plots.py", "../training/subjects.py")])
 # Tables whose rows belong to one subject, grouped once so no page scans a whole table.
 PER_SUBJECT = ("images", "negatives", "jointsets", "samples", "adapters", "metrics", "prompt_metrics")
 SAFE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
@@ -393,11 +395,14 @@ def list_href(number: int) -> str:
 
 def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails,
                 page_size: int) -> tuple[list[str], list[str], int]:
+    # Part files before rows: a commit in between then leaves pages under their old keys,
+    # which the next build makes again, never new keys on old rows.
+    parts = {name: catalog.parts(name) for name in PER_SUBJECT}
     tables = {name: catalog.read(name) for name in TABLES}
     subjects = sorted(tables["subjects"].to_pylist(), key=lambda r: (r["name"].casefold(), r["subject_id"]))
     hrefs = [list_href(n) for n in range(1, max(1, -(-len(subjects) // page_size)) + 1)]
     list_pages = [hrefs[i // page_size] for i in range(len(subjects))]
-    entries, reused = _subject_pages(catalog, site, tables, subjects, list_pages, thumbs)
+    entries, reused = _subject_pages(site, tables, parts, subjects, list_pages, thumbs)
 
     (site / pages.STYLESHEET).write_text(pages.CSS, encoding="utf-8")
     for number, href in enumerate(hrefs[1:], start=2):
@@ -418,11 +423,11 @@ def _write_site(catalog: Catalog, site: Path, thumbs: Thumbnails,
     return hrefs, [e.href for e in entries], reused
 
 
-def _subject_pages(catalog: Catalog, site: Path, tables: dict[str, pa.Table], subjects: list[dict],
-                   list_pages: list[str], thumbs: Thumbnails) -> tuple[list[Entry], int]:
+def _subject_pages(site: Path, tables: dict[str, pa.Table], parts: dict[str, dict[str, str] | None],
+                   subjects: list[dict], list_pages: list[str], thumbs: Thumbnails) -> tuple[list[Entry], int]:
     """Each subject's page, and its entry in the list; a page nothing on which changed is
     kept from the previous site. Returns the entries and how many pages were kept."""
-    page_key, before = _page_keys(catalog, tables), _kept_pages(thumbs.previous)
+    page_key, before = _page_keys(parts, tables), _kept_pages(thumbs.previous)
     keys = [page_key(subject, page) for subject, page in zip(subjects, list_pages)]
     kept = {s["subject_id"]: before[s["subject_id"]] for s, key in zip(subjects, keys)
             if key is not None and before.get(s["subject_id"], {}).get("key") == key
@@ -462,26 +467,32 @@ def _rows_of(table: pa.Table, subject_ids: list[str] | None) -> list[dict]:
     return table.filter(pc.is_in(table["subject_id"], value_set=pa.array(subject_ids, pa.string()))).to_pylist()
 
 
-def _page_keys(catalog: Catalog, tables: dict[str, pa.Table]) -> Callable[[dict, str], str | None]:
+def _page_keys(parts: dict[str, dict[str, str] | None],
+               tables: dict[str, pa.Table]) -> Callable[[dict, str], str | None]:
     """A subject page's key, from what it shows (see the module's docstring); None for
-    every page when a per-subject table is not partitioned by subject on disk."""
-    parts = {name: catalog.parts(name) for name in PER_SUBJECT}
+    every page when a per-subject table is not partitioned by subject on disk. The tables'
+    schema versions count too: reading an older part upgrades its rows, same file name."""
     if any(p is None or TABLES[name].partition_by != "subject_id" for name, p in parts.items()):
         return lambda subject, list_page: None
-    models = stable_hash(tables["models"].to_pylist())
+    shared = stable_hash([CODE, tables["models"].to_pylist(), [TABLES[name].version for name in PER_SUBJECT]])
 
     def key(subject: dict, list_page: str) -> str:
         bucket = bucket_of(subject["subject_id"])
-        return stable_hash([CODE, subject, list_page, models, [parts[name].get(bucket) for name in PER_SUBJECT]])
+        return stable_hash([shared, subject, list_page, [parts[name].get(bucket) for name in PER_SUBJECT]])
     return key
 
 
 def _kept_pages(previous: Path | None) -> dict[str, dict]:
-    """The previous site's `PAGES_FILE`; none from a site that has no readable one."""
+    """The previous site's `PAGES_FILE`, its well-formed entries; none from a site that has
+    no readable one (a damaged file costs a full rebuild, never the build)."""
     try:
-        return json.loads((previous / PAGES_FILE).read_text(encoding="utf-8")) if previous else {}
+        found = json.loads((previous / PAGES_FILE).read_text(encoding="utf-8")) if previous else {}
     except (OSError, ValueError):
         return {}
+    shape = {"key": str, "cover": list, "thumbs": list}
+    return {sid: page for sid, page in found.items() if isinstance(page, dict)
+            and all(isinstance(page.get(field), kind) for field, kind in shape.items())
+            and len(page["cover"]) == 2} if isinstance(found, dict) else {}
 
 
 def _subject(subject: dict, rows: dict[str, list[dict]], models: dict[str, dict], thumbs: Thumbnails,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import time
 from datetime import timedelta
@@ -203,6 +204,9 @@ def test_a_rebuild_keeps_the_pages_nothing_changed_on_and_equals_a_fresh_build(f
     assert again.pages_reused == 1 and ">0.91<" in (tmp_path / "site" / subject_href("teapot")).read_text()
     build_dashboard(catalog, tmp_path / "fresh")
     assert _files(tmp_path / "site") == _files(tmp_path / "fresh")
+    kept = tmp_path / "fresh" / site_module.PAGES_FILE
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "teapot": {"key": 1}, "vase": []}))
+    assert build_dashboard(catalog, tmp_path / "fresh").pages_reused == 1  # damaged entries: those pages are made
 
 
 def test_a_thousand_subjects_build_in_seconds_and_a_rebuild_reuses_thumbnails(bulk_catalog, tmp_path):
