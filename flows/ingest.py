@@ -38,13 +38,14 @@ def ingest_flow(source: str, catalog: str, config: Config | None = None) -> Inge
     plan = plan_ingest_task(quote(listing), root, config.ingest)
 
     batches = in_batches(plan.todo, config.ingest.batch_size)
-    batch_task = process_photos_task.with_options(result_storage=shared_results(config, root))
-    store, settings = workers_store(config), config.ingest
-    if config.execution.engine == "local":  # a batch at a time, over this machine's worker processes
-        done = (batch_task(batch, root, settings) for batch in batches)
-    else:  # a task per batch, one process each: the engine spreads them over every worker
-        settings = config.ingest.model_copy(update={"workers": 1})
-        done = (f.result() for f in batch_task.map(batches, unmapped(root), unmapped(settings), unmapped(store)))
+    store, settings, done = workers_store(config), config.ingest, iter(())
+    if batches:  # saving the results' storage block is a call to the Prefect server
+        batch_task = process_photos_task.with_options(result_storage=shared_results(config, root))
+        if config.execution.engine == "local":  # a batch at a time, over this machine's worker processes
+            done = (batch_task(batch, root, settings) for batch in batches)
+        else:  # a task per batch, one process each: the engine spreads them over every worker
+            settings = config.ingest.model_copy(update={"workers": 1})
+            done = (f.result() for f in batch_task.map(batches, unmapped(root), unmapped(settings), unmapped(store)))
     results = []
     with tqdm(total=len(plan.todo), desc="ingest", unit="photo", disable=None) as progress:
         for batch, batch_results in zip(batches, done):
