@@ -122,7 +122,7 @@ def evaluate(ctx: Context, job: Evaluation, scorers: Scorers, masker: Masker) ->
     catalog, config = ctx.catalog, ctx.config
     prompts = prompt_set(config, job.subject)
     sampling = config.model_copy(update={"generate": config.generate.model_copy(update={"seed": config.evaluate.seed})})
-    sampler = Context(catalog, sampling, ctx.base, lambda: ctx.parts, ctx.say)
+    sampler = ctx.with_config(sampling)
     n = config.evaluate.images_per_prompt
     subject = job.subject
     generated: dict[str, list[Image.Image]] = {}

@@ -21,7 +21,8 @@ from ..catalog import Catalog
 from ..catalog.layout import MODELS_DIR
 from ..catalog.schemas import ADAPTERS, TableSpec
 from ..config import Config
-from ..models.loading import ModelParts
+from ..models.families import SD, Family
+from ..models.loading import ModelParts, model_family, resolve_model_path
 from ..models.resident import RESIDENT
 from ..training.artefacts import at_model_resolution, base_model_id, open_model
 from ..training.export import export_lora_policy
@@ -46,6 +47,7 @@ class Context:
     reused: list[str] = field(default_factory=list)
     ids: dict[tuple[str, str | None], str] = field(default_factory=dict)  # the registry's id cache
     give_back: Callable[[ModelParts], None] | None = None  # returns borrowed parts
+    family: Family = SD  # the base model's (models/families.py), known without loading it
     _parts: ModelParts | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -54,12 +56,17 @@ class Context:
         which comes from this process's resident models unless `execution.resident_models` is off."""
         config = at_model_resolution(catalog, config)
         base = base_model_id(catalog, config)
+        family = model_family(resolve_model_path(config.model.base, catalog.root / MODELS_DIR))
         if not config.execution.resident_models:
-            return cls(catalog, config, base, lambda: open_model(catalog, config)[0], say)
+            return cls(catalog, config, base, lambda: open_model(catalog, config)[0], say, family=family)
         model = config.model
         return cls(catalog, config, base,
                    lambda: RESIDENT.checkout(model.base, catalog.root / MODELS_DIR, model.device, model.precision, say),
-                   say, give_back=RESIDENT.checkin)
+                   say, give_back=RESIDENT.checkin, family=family)
+
+    def with_config(self, config: Config) -> Context:
+        """The same work under other settings (sampling at the evaluation seed), sharing this one's model."""
+        return Context(self.catalog, config, self.base, lambda: self.parts, self.say, family=self.family)
 
     @property
     def parts(self) -> ModelParts:
@@ -85,6 +92,7 @@ class Method:
     shared: bool = False  # one artefact for every subject (trained once), not one per subject
     needs: tuple[str, ...] = ()  # methods whose artefacts this one starts from
     sections: tuple[str, ...] = ()  # config sections that shape its artefact, shown by `subjectflow methods`
+    families: tuple[str, ...] = ("sd",)  # the base model families (models/families.py) it is written for
     table: TableSpec = ADAPTERS  # where its artefacts are recorded (adapters or models)
     makes_negatives: bool = False  # `subjectflow negatives --method NAME` renders its CDNS negatives
     steps_setting: str = "train.steps"  # what `tune --method NAME --steps N` sets

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..catalog.schemas import ADAPTERS
 from ..config import Config
+from ..models.families import FAMILIES
 from ..training.artefacts import find_row
 from ..training.sampling import generate_with_loras, identified, subject_prompt
 from ..training.subjects import Subject, TuningError, load_subject, load_subjects
@@ -70,6 +71,7 @@ def artefact_ids(ctx: Context, name: str, subject: Subject | None) -> dict[str, 
     """The ids `name`'s artefact and everything it needs would have if made now, by method;
     nothing is run. Raises TuningError when an input is missing (no joint sets yet)."""
     method = get(name)
+    refuse_family(ctx, name)
     if subject is None and not method.shared:
         raise TuningError(f"{name} trains one adapter per subject: name a subject with --subject")
     ids: dict[str, str] = {}
@@ -80,6 +82,15 @@ def artefact_ids(ctx: Context, name: str, subject: Subject | None) -> dict[str, 
         ctx.ids[key] = method.artefact_id(ctx, _for(method, subject), {n: ids[n] for n in method.needs})
     ids[name] = ctx.ids[key]
     return ids
+
+
+def refuse_family(ctx: Context, name: str) -> None:
+    """TuningError when `name` is not written for the base model's family."""
+    method = get(name)
+    if ctx.family.name not in method.families:
+        runs_on = ", ".join(f.label for f in FAMILIES if f.name in method.families)
+        raise TuningError(f"{name} does not run on {ctx.family.label} base models ({ctx.config.model.base}); it "
+                          f"runs on {runs_on}: pick such a base model, or leave {name} out of evaluate.methods")
 
 
 def tune_command(ctx: Context, name: str, subject: Subject | None) -> str:
@@ -237,6 +248,7 @@ def learner() -> Method:
 def learn(ctx: Context, set_name: str, sources: list[str], stop_after: int | None = None) -> TuneOutcome:
     """Learn the named set from `sources` (or reuse it, when these photos and settings made it)."""
     method = learner()
+    refuse_family(ctx, method.name)
     row = method.learn(ctx, set_name, sources, stop_after)
     return TuneOutcome(set_name, method.name, row, ctx.made, ctx.reused)
 

@@ -16,10 +16,11 @@ from diffusers import UNet2DConditionModel
 
 from ..catalog.schemas import ADAPTERS
 from ..config import Config
+from ..models.families import Prompt
 from ..training.adapters import adapter_state, load_adapter_state, lora_file_bytes, trained_adapter
 from ..training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
 from ..training.class_images import class_image_latents, planned_class_images
-from ..training.data import class_prompt, encode_prompt, instance_prompt
+from ..training.data import class_prompt, instance_prompt
 from ..training.diffusion import Metrics, denoising_loss, noised_prediction, pick
 from ..training.loop import train
 from ..training.sampling import identified, sample_adapters
@@ -34,12 +35,12 @@ class SftObjective:
     unet: UNet2DConditionModel
     scheduler: object
     instance_latents: torch.Tensor  # [N, C, h, w] of the subject's photos
-    instance_embeds: torch.Tensor  # [1, L, D] of "a photo of sks <class>"
+    instance_embeds: Prompt  # "a photo of sks <class>", as the base model's family encodes it
     trainable: list[torch.nn.Parameter]
     batch_size: int = 1
     adapter_name: str = NAME
     class_latents: torch.Tensor | None = None  # prior preservation: base-model class images
-    class_embeds: torch.Tensor | None = None
+    class_embeds: Prompt | None = None
     prior_weight: float = 1.0
     _dtype: torch.dtype = field(init=False)
 
@@ -84,11 +85,11 @@ def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> 
     adapter = sft_id(config, ctx.base, subject)
     latents = file_latents(parts, catalog, [r["normalised_file"] for r in subject.images], config.train.resolution)
     prompt = instance_prompt(config.sft.identifier, subject.class_name)
-    embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompt)
+    embeds = parts.family.encode(parts, prompt, config.train.resolution)
     class_latents = class_embeds = None
     if config.sft.prior_preservation:
         class_latents = class_image_latents(ctx, subject.class_name)
-        class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
+        class_embeds = parts.family.encode(parts, class_prompt(subject.class_name), config.train.resolution)
     prepare_unet(parts, config.train)
     with trained_adapter(parts.unet, config.train.lora_rank, NAME, config.train.seed) as trainable:
         objective = SftObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable,
@@ -108,6 +109,7 @@ class Sft(Method):
     name = NAME
     summary = "DreamBooth-LoRA per subject on its photos (SFO's starting point)"
     sections = ("train", "sft")
+    families = ("sd", "sdxl")
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return sft_id(ctx.config, ctx.base, subject)

@@ -1,15 +1,17 @@
-"""Base models: the embedded "tiny-sd" and loading any Stable-Diffusion-family model.
+"""Base models: the embedded tiny models, the families they and real ones belong to, and loading.
 
 Importing this package is cheap; torch, diffusers and transformers load on first use.
 """
 
+from .families import Family, Prompt
 from .loading import (
-    ModelNotAvailable, ModelParts, load_components, load_pipeline, native_resolution, resolve_device,
+    ModelNotAvailable, ModelParts, load_components, load_pipeline, model_family, native_resolution, resolve_device,
     resolve_model_path,
 )
-from .tiny import TINY_SD, build_tiny_sd, ensure_tiny_sd
+from .tiny import TINY_SD, TINY_SDXL, build_tiny, build_tiny_sd, ensure_tiny_sd
 
 __all__ = [
-    "TINY_SD", "ModelNotAvailable", "ModelParts", "build_tiny_sd", "ensure_tiny_sd", "load_components",
-    "load_pipeline", "native_resolution", "resolve_device", "resolve_model_path",
+    "TINY_SD", "TINY_SDXL", "Family", "ModelNotAvailable", "ModelParts", "Prompt", "build_tiny", "build_tiny_sd",
+    "ensure_tiny_sd", "load_components", "load_pipeline", "model_family", "native_resolution", "resolve_device",
+    "resolve_model_path",
 ]

@@ -1,5 +1,6 @@
-"""Load any Stable-Diffusion-family model: the embedded "tiny-sd", a local diffusers
-folder, or a Hugging Face hub id that is already in the local cache.
+"""Load a base model of a supported family (models/families.py): an embedded tiny model
+("tiny-sd", "tiny-sdxl"), a local diffusers folder, or a Hugging Face hub id that is
+already in the local cache.
 
 Runs do not download unless asked to (`allow_download`): a hub id that is not cached
 fails at once with the command that fetches it, rather than hanging on a machine
@@ -16,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .tiny import TINY_SD, ensure_tiny_sd
+from .families import SD, Family, by_pipeline, supported
+from .tiny import TINY_MODELS, ensure_tiny
 
 if TYPE_CHECKING:  # diffusers + transformers take seconds to import; load them on use
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -95,14 +97,14 @@ def native_resolution(path: str) -> int:
 def resolve_model_path(model: str, models_dir: Path, *, allow_download: bool = False) -> str:
     """The local folder holding `model`, a diffusers pipeline folder (model_index.json).
 
-    `model` is, in this order: "tiny-sd" (built under `models_dir` on first use); a path
+    `model` is, in this order: an embedded tiny model (built under `models_dir` on first use); a path
     to a folder; a folder name under `models_dir`; or a hub id ("org/name") that is in
     the local Hugging Face cache. An uncached hub id is downloaded only when
     `allow_download` is set and the hub is not in offline mode.
     """
     models_dir = Path(models_dir)
-    if model == TINY_SD:
-        return str(ensure_tiny_sd(models_dir))
+    if model in TINY_MODELS:
+        return str(ensure_tiny(models_dir, model))
     for folder in (Path(model).expanduser(), models_dir / model):
         if folder.is_dir():
             return str(_check_pipeline_folder(folder, f"folder {str(folder)!r}"))
@@ -122,7 +124,7 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
         return _check_pipeline_folder(Path(snapshot_download(repo_id, local_files_only=True)),
                                       f"the cached copy of {repo_id!r}")
     except HFValidationError as exc:
-        raise ModelNotAvailable(f"base model {repo_id!r} is neither {TINY_SD!r}, a local folder, nor a valid "
+        raise ModelNotAvailable(f"base model {repo_id!r} is neither an embedded model ({', '.join(TINY_MODELS)}), a local folder, nor a valid "
                                 f"hub id ('org/name'): {exc}") from exc
     except LocalEntryNotFoundError:
         pass
@@ -145,9 +147,9 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
                                 f"id and your network/token, or fetch it with `hf download {repo_id}`") from exc
 
 
-# The pipelines whose parts (one CLIP text encoder, UNet2DConditionModel, 4-channel VAE)
-# every method here is written for; SDXL, SD3 and FLUX are refused when the model opens.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+def model_family(path: str) -> Family:
+    """The family of the pipeline folder `path` (one `_check_pipeline_folder` accepted)."""
+    return by_pipeline(json.loads((Path(path) / "model_index.json").read_text()).get("_class_name"))
 
 
 def _check_pipeline_folder(folder: Path, what: str) -> Path:
@@ -159,10 +161,12 @@ def _check_pipeline_folder(folder: Path, what: str) -> Path:
             f"checkpoints (.ckpt/.safetensors) must be converted first."
         )
     spec = json.loads(index.read_text())
-    family = spec.get("_class_name")
-    if family not in SUPPORTED_PIPELINES:
-        raise ModelNotAvailable(f"{what} is a {family} model; subjectflow supports Stable Diffusion 1.x and 2.x "
-                                f"({', '.join(SUPPORTED_PIPELINES)}) for now: pick such a base model")
+    family = by_pipeline(spec.get("_class_name"))
+    if family is None:
+        raise ModelNotAvailable(f"{what} is a {spec.get('_class_name')} model; subjectflow supports "
+                                f"{supported()}: pick such a base model")
+    if family.unsupported:
+        raise ModelNotAvailable(f"{what}: {family.unsupported}; pick a base model of {supported()}")
     components = [name for name, part in spec.items()
                   if not name.startswith("_") and isinstance(part, list) and part[0] is not None]
     missing = [name for name in components if not (folder / name).is_dir()]
@@ -173,13 +177,12 @@ def _check_pipeline_folder(folder: Path, what: str) -> Path:
 
 
 def load_pipeline(model: str, models_dir: Path, device: torch.device, dtype: torch.dtype, *,
-                  allow_download: bool = False) -> StableDiffusionPipeline:
-    """A ready-to-sample pipeline, without the safety checker or progress bars."""
-    from diffusers import StableDiffusionPipeline
+                  allow_download: bool = False) -> DiffusionPipeline:
+    """A ready-to-sample pipeline of the model's family, without a safety checker or progress bars."""
+    from diffusers import DiffusionPipeline
 
     path = resolve_model_path(model, models_dir, allow_download=allow_download)
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                   **_dtype_kwarg(dtype))
+    pipe = DiffusionPipeline.from_pretrained(path, **model_family(path).pipeline_options(), **_dtype_kwarg(dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -197,7 +200,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 class ModelParts:
     """The separate modules a training loop needs, as diffusers' train_dreambooth_lora.py
     loads them: all on one device in one dtype, text_encoder and vae frozen. What of the
-    unet trains is the method's choice, so its parameters are left as loaded."""
+    unet trains is the method's choice, so its parameters are left as loaded. A family with a
+    second text encoder (SDXL) has it in `tokenizer_2` / `text_encoder_2`."""
 
     path: str
     tokenizer: CLIPTokenizer
@@ -205,6 +209,12 @@ class ModelParts:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+    family: Family = SD
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
 
 def load_components(model: str, models_dir: Path, device: torch.device, dtype: torch.dtype, *,
@@ -222,10 +232,13 @@ def load_components(model: str, models_dir: Path, device: torch.device, dtype: t
 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    family = model_family(path)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    tokenizer_2, text_encoder_2 = family.second_text_encoder(path)
     # transformers casts on .to() without complaint (and its own keyword changed too).
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(dtype=dtype)
+    encoders = [encoder.to(dtype=dtype) for encoder in (text_encoder, text_encoder_2) if encoder is not None]
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **_dtype_kwarg(dtype))
-    for frozen in (text_encoder, vae):
+    for frozen in (*encoders, vae):
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(device)
@@ -238,4 +251,7 @@ def load_components(model: str, models_dir: Path, device: torch.device, dtype: t
         unet=unet.to(device),
         # Whatever sampler the model ships (SD 1.5: PNDM), training adds noise the DDPM way.
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        family=family,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
     )

@@ -31,7 +31,8 @@ def _weights_stamp(path: str) -> tuple:
 
 
 def _modules(parts: ModelParts) -> dict[str, torch.nn.Module]:
-    return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae}
+    second = {"text_encoder_2": parts.text_encoder_2} if parts.text_encoder_2 is not None else {}
+    return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae, **second}
 
 
 def _fingerprint(parts: ModelParts) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The embedded default model "tiny-sd": a randomly initialised Stable Diffusion pipeline.
+"""The embedded models: "tiny-sd" (the default) and "tiny-sdxl", randomly initialised
+Stable Diffusion 1.x and SDXL pipelines.
 
 Tests and demos need a model of the real SD 1.x classes (UNet2DConditionModel with
 self/cross `Attention`, AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDPMScheduler) but
@@ -8,7 +9,9 @@ fixed seed, in the diffusers layout, and everything downstream loads it with the
 present numbers measured on it as quality.
 
 Sizes follow diffusers' own pipeline test configs, so a 64 px, 2-step generation takes
-well under a second on a CPU.
+well under a second on a CPU. tiny-sdxl has SDXL's parts at the same sizes: two CLIP text
+encoders (the second with a projection, whose pooled output conditions the UNet with the
+size "time ids"), a UNet with `addition_embed_type="text_time"` and SDXL's VAE scale.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch, diffusers and transformers take seconds to import; load them on use
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
 TINY_SD = "tiny-sd"
+TINY_SDXL = "tiny-sdxl"
+TINY_MODELS = (TINY_SD, TINY_SDXL)
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -138,20 +143,56 @@ def build_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(write_tokenizer_files(Path(folder)), model_max_length=MAX_LENGTH)
 
 
-def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The tiny pipeline in memory. Each module is created right after re-seeding, so
-    its weights depend only on `seed`, not on what was built before it."""
+def build_pipeline(seed: int = 0, name: str = TINY_SD) -> DiffusionPipeline:
+    """The tiny pipeline `name` in memory. Each module is created right after re-seeding,
+    so its weights depend only on `seed`, not on what was built before it."""
     import torch
 
+    if name not in TINY_MODELS:
+        raise ValueError(f"no embedded model {name!r}; they are {', '.join(TINY_MODELS)}")
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-        return _seeded_pipeline(tokenizer, seed)
+        return _seeded_sdxl(tokenizer, seed) if name == TINY_SDXL else _seeded_pipeline(tokenizer, seed)
 
 
-def _seeded_pipeline(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionPipeline:
+def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+        projection_dim=32, layer_norm_eps=1e-5, max_position_embeddings=MAX_LENGTH,
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(seed: int, scaling_factor: float):
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Two blocks -> vae_scale_factor 2: 64 px images are 32x32 latents, the UNet's sample_size.
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4, norm_num_groups=32, sample_size=64, scaling_factor=scaling_factor,
+    )
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    # SD 1.x's and SDXL's noise schedule. (SD's `set_alpha_to_one` belongs to DDIM/PNDM, not DDPM.)
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+
+
+def _seeded_pipeline(tokenizer: CLIPTokenizer, seed: int) -> DiffusionPipeline:
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -160,33 +201,48 @@ def _seeded_pipeline(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionPipe
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, norm_num_groups=32,
     )
+    vae = _vae(seed, 0.18215)
     torch.manual_seed(seed)
-    # Two blocks -> vae_scale_factor 2: 64 px images are 32x32 latents, the UNet's sample_size.
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4, norm_num_groups=32, sample_size=64,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-        projection_dim=32, layer_norm_eps=1e-5, max_position_embeddings=MAX_LENGTH,
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    # SD 1.x's noise schedule. (SD's `set_alpha_to_one` belongs to DDIM/PNDM, not DDPM.)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="epsilon", clip_sample=False, steps_offset=1,
-    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
+def _seeded_sdxl(tokenizer: CLIPTokenizer, seed: int) -> DiffusionPipeline:
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    # diffusers' SDXL pipeline test UNet: cross-attention over both encoders' states side by
+    # side (32 + 32), and an added embedding of 6 size ids x 8 + the 32-wide pooled text.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=32,
+    )
+    vae = _vae(seed, 0.13025)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
+    )
+
+
 def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline to `dest` (diffusers layout) and return `dest`.
+    return build_tiny(dest, TINY_SD, seed)
+
+
+def build_tiny(dest: Path, name: str, seed: int = 0) -> Path:
+    """Save the tiny pipeline `name` to `dest` (diffusers layout) and return `dest`.
 
     An existing pipeline at `dest` is returned untouched. The model is written to a
     hidden sibling folder and renamed into place, so a crash or a concurrent builder
@@ -198,15 +254,18 @@ def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(
             f"{dest} exists but is not a diffusers pipeline folder (no model_index.json); "
-            f"remove it and {TINY_SD!r} will be rebuilt there"
+            f"remove it and {name!r} will be rebuilt there"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        build_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        pipe = build_pipeline(seed, name)
+        pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; the CLIP-format files beside it let
         # transformers 4's slow CLIPTokenizer load the folder too, as with real SD repos.
-        write_tokenizer_files(tmp / "tokenizer")
+        for folder in ("tokenizer", "tokenizer_2"):
+            if hasattr(pipe, folder):
+                write_tokenizer_files(tmp / folder)
         _fsync_tree(tmp)
         try:
             if dest.exists():
@@ -222,7 +281,11 @@ def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
 
 
 def ensure_tiny_sd(models_dir: Path) -> Path:
-    return build_tiny_sd(Path(models_dir) / TINY_SD)
+    return ensure_tiny(models_dir, TINY_SD)
+
+
+def ensure_tiny(models_dir: Path, name: str) -> Path:
+    return build_tiny(Path(models_dir) / name, name)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..models.families import Prompt
+
 Metrics = dict[str, float]
 
 # Prediction types of diffusers schedulers whose regression target we know how to build.
@@ -88,17 +90,18 @@ def pick(latents: torch.Tensor, batch_size: int, generator: torch.Generator) -> 
 
 
 def unet_eps(unet: UNet2DConditionModel, dtype: torch.dtype, noisy: torch.Tensor, timesteps: torch.Tensor,
-             embeds: torch.Tensor) -> torch.Tensor:
+             embeds: Prompt | torch.Tensor) -> torch.Tensor:
     """One UNet call; inputs in the UNet's dtype, the prediction back in fp32 for the loss.
 
+    `embeds` is an encoded `Prompt` (any family), or an SD prompt's token states [1 or B, L, D].
     `dtype` is passed in because `unet.dtype` walks every parameter (ms per call on SD 1.5).
     """
-    states = embeds.expand(noisy.shape[0], -1, -1).to(noisy.device, dtype)  # [1 or B, L, D] -> [B, L, D]
-    return unet(noisy.to(dtype), timesteps, encoder_hidden_states=states).sample.float()
+    prompt = embeds if isinstance(embeds, Prompt) else Prompt(embeds)
+    return unet(noisy.to(dtype), timesteps, **prompt.unet_inputs(noisy.shape[0], noisy.device, dtype)).sample.float()
 
 
 def noised_prediction(unet: UNet2DConditionModel, dtype: torch.dtype, scheduler: Any, x0: torch.Tensor,
-                      embeds: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                      embeds: Prompt | torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """DreamBooth's step: noise `x0` [B, C, h, w] at uniform timesteps drawn by `generator`
     and return (the UNet's prediction under `embeds`, its regression target)."""
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)

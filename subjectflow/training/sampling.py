@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from ..catalog import Catalog
 from ..catalog.schemas import SAMPLES
@@ -29,12 +29,9 @@ def subject_prompt(prompt: str, subject: Subject | None, noun: str = "") -> str:
     return prompt.replace(SUBJECT_PLACEHOLDER, noun if subject is not None else "")
 
 
-def sampling_pipeline(parts: ModelParts) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        # DDIM samples well in tens of steps; the training scheduler (DDPM) needs hundreds.
-        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+def sampling_pipeline(parts: ModelParts) -> DiffusionPipeline:
+    # DDIM samples well in tens of steps; the training scheduler (DDPM) needs hundreds.
+    pipe = parts.family.sampling_pipeline(parts, DDIMScheduler.from_config(parts.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -295,10 +295,3 @@ def test_auto_resolutions_follow_the_base_model_and_numbers_stay(tiny_dir, tmp_p
     assert at_model_resolution(catalog, resolved) is resolved  # nothing left to resolve: the model is not read
 
 
-@pytest.mark.parametrize("family", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
-def test_unsupported_model_families_are_refused_when_the_model_opens(tiny_dir, tmp_path, family):
-    copy = shutil.copytree(tiny_dir, tmp_path / "model")
-    index = json.loads((copy / "model_index.json").read_text())
-    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": family}))
-    with pytest.raises(ModelNotAvailable, match=f"is a {family} model; subjectflow supports Stable Diffusion 1.x"):
-        resolve_model_path(str(copy), tmp_path)

@@ -281,8 +281,7 @@ class Concepts(Method):
             ctx.reused.append(f"{NAME} scores {key}")
             return done
         generate = ctx.config.generate.model_copy(update={"seed": ctx.config.evaluate.seed})
-        sampler = Context(ctx.catalog, ctx.config.model_copy(update={"generate": generate}), ctx.base,
-                          lambda: ctx.parts, ctx.say)
+        sampler = ctx.with_config(ctx.config.model_copy(update={"generate": generate}))
         return score_set(ctx, row, scorers, masker, lambda prompt, n: sample_concepts(sampler, row, prompt, n))
 
     def for_prompt(self, ctx: Context, prompt: str) -> tuple[Artefacts, str | None]:
