@@ -59,6 +59,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from subjectflow.config import SfoConfig, TrainConfig
 from subjectflow.methods.sfo.objective import SfoObjective
 from subjectflow.methods.sft import SftObjective
+from subjectflow.models.families import Prompt
 from subjectflow.models.loading import resolve_device
 from subjectflow.models.tiny import build_pipeline
 from subjectflow.training.adapters import adapter_state, add_lora, freeze_all_but, fused, load_adapter_state
@@ -208,8 +209,8 @@ def time_pipeline(b: Bench, method: str, work: Path) -> tuple[float, float]:
     """(steps/s, seconds of the final checkpoint) for one fresh run (train() resumes from
     any checkpoint in `work`, so it must start empty)."""
     warmup, total, n, stamps = b.args.warmup, b.args.warmup + b.args.steps, b.args.batch_size, {}
-    objective = (SftObjective(b.unet, b.scheduler, b.latents, b.embeds, b.sft, n, "sft") if method == "SFT" else
-                 SfoObjective(b.unet, b.scheduler, b.latents, b.negatives, b.embeds, b.sfo, BETA, n))
+    objective = (SftObjective(b.unet, b.scheduler, b.latents, Prompt(b.embeds), b.sft, n, "sft") if method == "SFT" else
+                 SfoObjective(b.unet, b.scheduler, b.latents, b.negatives, Prompt(b.embeds), b.sfo, BETA, n))
 
     def on_step(step: int, _row: dict) -> None:
         if step in (warmup, total):

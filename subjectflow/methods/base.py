@@ -55,8 +55,8 @@ class Context:
         """The context for work on `catalog`: "auto" resolutions resolved for its base model,
         which comes from this process's resident models unless `execution.resident_models` is off."""
         config = at_model_resolution(catalog, config)
-        base = base_model_id(catalog, config)
-        family = model_family(resolve_model_path(config.model.base, catalog.root / MODELS_DIR))
+        path = resolve_model_path(config.model.base, catalog.root / MODELS_DIR)
+        base, family = base_model_id(catalog, config, path), model_family(path)
         if not config.execution.resident_models:
             return cls(catalog, config, base, lambda: open_model(catalog, config)[0], say, family=family)
         model = config.model

@@ -38,6 +38,24 @@ class Prompt:
                                            "time_ids": self.time_ids.expand(batch, -1).to(device, dtype)}
         return inputs
 
+    def at(self, index: torch.Tensor) -> Prompt:
+        """The prompts of batch rows `index`: a shared prompt (batch 1) broadcast to them, or
+        one row per prompt picked."""
+        if self.states.shape[0] == 1:
+            return self._map(lambda t: t.expand(len(index), *t.shape[1:]))
+        return self._map(lambda t: t[index.to(t.device)])
+
+    def repeat(self, n: int) -> Prompt:
+        """The batch `n` times over, one copy after the other (rows i, B + i, ... match)."""
+        return self._map(lambda t: t.repeat(n, *[1] * (t.ndim - 1)))
+
+    def repeat_interleave(self, n: int) -> Prompt:
+        """Each row `n` times in a row, as set members laid out consecutively."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def _map(self, fn: Any) -> Prompt:
+        return Prompt(fn(self.states), *(None if t is None else fn(t) for t in (self.pooled, self.time_ids)))
+
 
 class Family:
     """Stable Diffusion 1.x/2.x: one CLIP text encoder, its last hidden states."""
@@ -64,9 +82,18 @@ class Family:
     def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionPipeline(**self._pipeline_parts(parts, scheduler))
+
+    def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
+        """SDEdit from a given image (CDNS negatives)."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        return StableDiffusionImg2ImgPipeline(**self._pipeline_parts(parts, scheduler))
+
+    def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
+        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer,
+                "unet": parts.unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
+                "requires_safety_checker": False}
 
 
 class StableDiffusionXL(Family):
@@ -101,9 +128,19 @@ class StableDiffusionXL(Family):
     def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
         from diffusers import StableDiffusionXLPipeline
 
-        return StableDiffusionXLPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
-            tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler)
+        return StableDiffusionXLPipeline(**self._pipeline_parts(parts, scheduler))
+
+    def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        # The aesthetic-score conditioning is the refiner's; a base model's UNet takes size ids.
+        return StableDiffusionXLImg2ImgPipeline(**self._pipeline_parts(parts, scheduler),
+                                                requires_aesthetics_score=False)
+
+    def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
+        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,
+                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "unet": parts.unet,
+                "scheduler": scheduler}
 
 
 def _encoded(tokenizer: Any, encoder: Any, prompt: str) -> Any:

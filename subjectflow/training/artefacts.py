@@ -30,9 +30,11 @@ def model_version(path: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def base_model_id(catalog: Catalog, config: Config) -> str:
-    """How artefacts name their base model: config name @ content version."""
-    return f"{config.model.base}@{model_version(resolve_model_path(config.model.base, catalog.root / MODELS_DIR))}"
+def base_model_id(catalog: Catalog, config: Config, path: str | None = None) -> str:
+    """How artefacts name their base model: config name @ content version. `path` is the
+    resolved model folder, when the caller has it (resolving checks the whole folder)."""
+    path = path or resolve_model_path(config.model.base, catalog.root / MODELS_DIR)
+    return f"{config.model.base}@{model_version(path)}"
 
 
 def at_model_resolution(catalog: Catalog, config: Config) -> Config:

@@ -41,21 +41,27 @@ def test_tiny_sdxl_loads_both_text_encoders_frozen_and_its_prompts_condition_the
     assert not torch.equal(unet_eps(parts.unet, torch.bfloat16, noisy, t, other_size), eps)
 
 
-def test_sft_trains_and_samples_on_sdxl_and_methods_not_written_for_it_are_refused(tmp_path, sdxl_dir):
+def test_sfo_trains_on_its_sdxl_negatives_and_samples_and_methods_not_written_for_sdxl_are_refused(tmp_path,
+                                                                                                   sdxl_dir):
     catalog = ingested_catalog(tmp_path, subjects=("red_mug",))
-    config = tiny_config(model={"base": str(sdxl_dir)}, train={"steps": 2, "checkpoint_every": 2})
+    config = tiny_config(model={"base": str(sdxl_dir)}, train={"steps": 2, "checkpoint_every": 2},
+                         sfo={"steps": 2}, negatives={"per_photo": 1, "steps": 2})
     with Context.open(catalog, config, say=lambda line: None) as ctx:
         subject = load_subject(catalog, "red_mug")
         # Refused from the settings alone: the model is not loaded for it.
-        with pytest.raises(TuningError, match=r"sfo does not run on SDXL base models .* it runs on "
+        with pytest.raises(TuningError, match=r"oneactor does not run on SDXL base models .* it runs on "
                                               r"Stable Diffusion 1.x/2.x: pick such a base model"):
-            registry.artefact_ids(ctx, "sfo", subject)
+            registry.artefact_ids(ctx, "oneactor", subject)
         assert ctx._parts is None
 
-        row = registry.ensure(ctx, "sft", subject)["sft"]
-        assert ctx.parts.family is SDXL and row["steps"] == 2 and row["base_model"].startswith(str(sdxl_dir))
-        samples = registry.sample(ctx, "sft", "red_mug", "a {subject} on the beach", 1)
-    assert [s["adapter_id"] for s in samples] == [row["adapter_id"]]
+        rows = registry.ensure(ctx, "sfo", subject)  # SFT, then its img2img negatives, then SFO
+        assert ctx.parts.family is SDXL and rows["sft"]["steps"] == rows["sfo"]["steps"] == 2
+        assert rows["sfo"]["base_model"].startswith(str(sdxl_dir))
+        negatives = catalog.read("negatives").to_pylist()
+        assert len(negatives) == len(subject.images) and {n["resolution"] for n in negatives} == {32}
+        assert all(catalog.blob_path(n["file"]).is_file() for n in negatives)
+        samples = registry.sample(ctx, "sfo", "red_mug", "a {subject} on the beach", 1)
+    assert [s["adapter_id"] for s in samples] == [rows["sfo"]["adapter_id"]]
     assert samples[0]["resolution"] == 32 and catalog.blob_path(samples[0]["file"]).is_file()
 
 

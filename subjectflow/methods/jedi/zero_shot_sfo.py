@@ -11,6 +11,7 @@ import torch
 from ...catalog import Catalog
 from ...catalog.schemas import MODELS
 from ...config import Config, stable_hash
+from ...models.families import Prompt
 from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
 from ...training.artefacts import autocast_dtype, file_latents, record_trained
 from ...training.loop import train
@@ -95,7 +96,7 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
                                                   config.train.seed) as trainable:
         objective = SfoObjective(parts.unet, parts.noise_scheduler, file_latents(parts, catalog, positives, resolution),
                                  file_latents(parts, catalog, negatives, resolution),
-                                 torch.stack([embeds[c] for c in captions]).to(parts.unet.device), trainable,
+                                 Prompt(torch.stack([embeds[c] for c in captions]).to(parts.unet.device)), trainable,
                                  config.sfo.beta, config.sfo.batch_size or config.train.batch_size, adapter_name=SFO_ADAPTER,
                                  context_latents=file_latents(parts, catalog, contexts, resolution))
         with coupled(parts.unet, 2):

@@ -13,7 +13,7 @@ from ...catalog.schemas import ADAPTERS
 from ...config import Config, stable_hash
 from ...training.adapters import fused, load_lora_file, lora_file_bytes, trained_adapter
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
-from ...training.data import encode_prompt, instance_prompt
+from ...training.data import instance_prompt
 from ...training.loop import train
 from ...training.sampling import identified, sample_adapters
 from ...training.subjects import Subject
@@ -39,7 +39,7 @@ def train_sfo(ctx: Context, subject: Subject, sft_adapter: dict, negatives: list
     positives = file_latents(parts, catalog, [files[n["image_id"]] for n in negatives], resolution)
     negative_latents = file_latents(parts, catalog, [n["file"] for n in negatives], resolution)
     prompt = instance_prompt(config.sft.identifier, subject.class_name)
-    embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompt)
+    embeds = parts.family.encode(parts, prompt, resolution)
     prepare_unet(parts, config.train)
     load_lora_file(parts.unet, catalog.blob_path(sft_adapter["file"]), "sft")
     with fused(parts.unet, "sft"), trained_adapter(parts.unet, config.sfo.lora_rank, NAME,
@@ -65,6 +65,7 @@ class Sfo(Method):
     sections = ("train", "sfo", "negatives")
     makes_negatives = True
     steps_setting = "sfo.steps"
+    families = ("sd", "sdxl")
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         negatives = [nid for nid, _, _ in planned_negatives(subject, ctx.config, needs["sft"], ctx.base)]

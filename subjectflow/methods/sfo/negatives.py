@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
 from ...catalog import Catalog
@@ -66,15 +66,14 @@ def record_negatives(catalog: Catalog, existing: dict[str, dict], rows: list[dic
     return [existing[nid] for nid, _, _ in planned]
 
 
-def negative_pipeline(parts: ModelParts) -> StableDiffusionImg2ImgPipeline:
-    pipe = StableDiffusionImg2ImgPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                          unet=parts.unet, scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
-                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+def negative_pipeline(parts: ModelParts) -> DiffusionPipeline:
+    """The base model family's img2img pipeline on the model's own UNet (the adapter is loaded into it)."""
+    pipe = parts.family.img2img_pipeline(parts, DDIMScheduler.from_config(parts.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def render_negative(pipe: StableDiffusionImg2ImgPipeline, reference_file: Path, degradation: Degradation,
+def render_negative(pipe: DiffusionPipeline, reference_file: Path, degradation: Degradation,
                     resolution: int) -> bytes:
     """One CDNS negative as PNG bytes: SDEdit from the blurred reference under the generic
     prompt. Everything it depends on is in `degradation` (recorded with the negative)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
+from ...models.families import Prompt
 from ...training.adapters import adapter_state, load_adapter_state
 from ...training.diffusion import Metrics, unet_eps
 from .loss import noised_pair, sfo_loss, targets
@@ -26,7 +27,7 @@ class SfoObjective:
     scheduler: object
     positive_latents: torch.Tensor  # [N, C, h, w]
     negative_latents: torch.Tensor  # [N, C, h, w]; row i is a CDNS negative of positive i
-    embeds: torch.Tensor  # [1, L, D] the shared condition c of every pair, or [N, L, D] one per pair
+    embeds: Prompt  # the shared condition c of every pair (batch 1), or one per pair (batch N)
     trainable: list[torch.nn.Parameter]
     beta: float = 1000.0
     batch_size: int = 1
@@ -50,13 +51,13 @@ class SfoObjective:
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.trainable
 
-    def _predict(self, noisy: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+    def _predict(self, noisy: torch.Tensor, t: torch.Tensor, embeds: Prompt,
                  context: torch.Tensor | None) -> torch.Tensor:
         if context is None:
             return unet_eps(self.unet, self._dtype, noisy, t, embeds)
         # Sets [context_i, member_i], laid out consecutively; only the members are scored.
         sets = torch.stack([context, noisy], dim=1).flatten(0, 1)
-        eps = unet_eps(self.unet, self._dtype, sets, t.repeat_interleave(2), embeds.repeat_interleave(2, dim=0))
+        eps = unet_eps(self.unet, self._dtype, sets, t.repeat_interleave(2), embeds.repeat_interleave(2))
         return eps.unflatten(0, (noisy.shape[0], 2))[:, 1]
 
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
@@ -65,7 +66,7 @@ class SfoObjective:
         pos, neg = self.positive_latents[index], self.negative_latents[index]
         pair = noised_pair(pos, neg, self.scheduler, generator)
         noisy, t = pair.stacked()  # one UNet call scores both halves
-        embeds = (self.embeds if self.embeds.shape[0] == 1 else self.embeds[index]).expand(pos.shape[0], -1, -1).repeat(2, 1, 1)
+        embeds = self.embeds.at(index).repeat(2)  # the pair's condition for both halves
         context = None
         if self.context_latents is not None:
             known = self.context_latents[index]
