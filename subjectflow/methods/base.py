@@ -47,7 +47,7 @@ class Context:
     reused: list[str] = field(default_factory=list)
     ids: dict[tuple[str, str | None], str] = field(default_factory=dict)  # the registry's id cache
     give_back: Callable[[ModelParts], None] | None = None  # returns borrowed parts
-    family: Family = SD  # the base model's (models/families.py), known without loading it
+    family: Family = SD  # the base model's (models/families/), known without loading it
     _parts: ModelParts | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -92,7 +92,7 @@ class Method:
     shared: bool = False  # one artefact for every subject (trained once), not one per subject
     needs: tuple[str, ...] = ()  # methods whose artefacts this one starts from
     sections: tuple[str, ...] = ()  # config sections that shape its artefact, shown by `subjectflow methods`
-    families: tuple[str, ...] = ("sd",)  # the base model families (models/families.py) it is written for
+    families: tuple[str, ...] = ("sd",)  # the base model families (models/families/) it is written for
     table: TableSpec = ADAPTERS  # where its artefacts are recorded (adapters or models)
     makes_negatives: bool = False  # `subjectflow negatives --method NAME` renders its CDNS negatives
     steps_setting: str = "train.steps"  # what `tune --method NAME --steps N` sets

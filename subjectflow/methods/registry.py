@@ -84,13 +84,17 @@ def artefact_ids(ctx: Context, name: str, subject: Subject | None) -> dict[str, 
     return ids
 
 
+def runs_on(method: Method) -> str:
+    """The base model families `method` is written for, by label."""
+    return ", ".join(f.label for f in FAMILIES if f.name in method.families)
+
+
 def refuse_family(ctx: Context, name: str) -> None:
     """TuningError when `name` is not written for the base model's family."""
     method = get(name)
     if ctx.family.name not in method.families:
-        runs_on = ", ".join(f.label for f in FAMILIES if f.name in method.families)
         raise TuningError(f"{name} does not run on {ctx.family.label} base models ({ctx.config.model.base}); it "
-                          f"runs on {runs_on}: pick such a base model, or leave {name} out of evaluate.methods")
+                          f"runs on {runs_on(method)}: pick such a base model, or leave {name} out of evaluate.methods")
 
 
 def tune_command(ctx: Context, name: str, subject: Subject | None) -> str:
@@ -340,7 +344,7 @@ def describe(verbose: bool = False, config: Config | None = None) -> str:
         needs = f"; needs {', '.join(method.needs)}" if method.needs else ""
         needs += "; keeps a training photo's pose/background (--keep-pose/--keep-background)" if method.keeps_attributes else ""
         lines.append(f"{name:<10} {method.summary}\n{'':<10} {scope}{needs}; config: {', '.join(method.sections)}; "
-                     f"--steps sets {method.steps_setting}")
+                     f"--steps sets {method.steps_setting}\n{'':<10} base models: {runs_on(method)}")
         if verbose and config is not None:
             for section, values in method.settings(config).items():
                 lines.append(f"{'':<12}{section}: {values}")

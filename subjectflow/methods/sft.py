@@ -42,6 +42,7 @@ class SftObjective:
     class_latents: torch.Tensor | None = None  # prior preservation: base-model class images
     class_embeds: Prompt | None = None
     prior_weight: float = 1.0
+    timesteps: str = "uniform"  # the family's SFT timestep density (Family.sft_timesteps)
     _dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,12 +54,12 @@ class SftObjective:
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
         pred, target = noised_prediction(self.unet, self._dtype, self.scheduler,
                                          pick(self.instance_latents, self.batch_size, generator), self.instance_embeds,
-                                         generator)
+                                         generator, self.timesteps)
         if self.class_latents is None:
             return denoising_loss(pred, target)
         prior_pred, prior_target = noised_prediction(self.unet, self._dtype, self.scheduler,
                                                      pick(self.class_latents, self.batch_size, generator),
-                                                     self.class_embeds, generator)
+                                                     self.class_embeds, generator, self.timesteps)
         return denoising_loss(pred, target, prior_pred, prior_target, self.prior_weight)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -93,7 +94,8 @@ def train_sft(ctx: Context, subject: Subject, stop_after: int | None = None) -> 
     prepare_unet(parts, config.train)
     with trained_adapter(parts.unet, config.train.lora_rank, NAME, config.train.seed) as trainable:
         objective = SftObjective(parts.unet, parts.noise_scheduler, latents, embeds, trainable,
-                                 config.train.batch_size, NAME, class_latents, class_embeds, config.sft.prior_weight)
+                                 config.train.batch_size, NAME, class_latents, class_embeds, config.sft.prior_weight,
+                                 parts.family.sft_timesteps)
         result = train(objective, config.train, catalog.work_dir("tune", adapter), config.train.steps,
                        config.train.learning_rate, autocast_dtype(parts), parts.unet.device, stop_after,
                        on_checkpoint=catalog.keep_work)
@@ -109,7 +111,7 @@ class Sft(Method):
     name = NAME
     summary = "DreamBooth-LoRA per subject on its photos (SFO's starting point)"
     sections = ("train", "sft")
-    families = ("sd", "sdxl")
+    families = ("sd", "sdxl", "sd3", "flux")
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         return sft_id(ctx.config, ctx.base, subject)

@@ -1,5 +1,5 @@
-"""Load a base model of a supported family (models/families.py): an embedded tiny model
-("tiny-sd", "tiny-sdxl"), a local diffusers folder, or a Hugging Face hub id that is
+"""Load a base model of a supported family (models/families/): an embedded tiny model
+("tiny-sd", "tiny-sdxl", "tiny-flux"), a local diffusers folder, or a Hugging Face hub id that is
 already in the local cache.
 
 Runs do not download unless asked to (`allow_download`): a hub id that is not cached
@@ -22,8 +22,9 @@ from .tiny import TINY_MODELS, ensure_tiny
 
 if TYPE_CHECKING:  # diffusers + transformers take seconds to import; load them on use
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler,
+                           FluxTransformer2DModel, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -84,12 +85,13 @@ def _check_device_present(target: torch.device) -> None:
 
 
 def native_resolution(path: str) -> int:
-    """The image side a diffusers pipeline folder works at: its UNet's sample_size times
-    the VAE's downsampling (tiny-sd 64, SD 1.x 512, SD 2.x 768, SDXL 1024)."""
+    """The image side a diffusers pipeline folder works at: its denoiser's sample_size times
+    the VAE's downsampling (tiny-sd 64, SD 1.x 512, SD 2.x 768, SDXL 1024, FLUX.1 1024)."""
     root = Path(path)
-    unet = json.loads((root / "unet" / "config.json").read_text())
+    denoiser = json.loads((root / model_family(path).denoiser_folder / "config.json").read_text())
     vae = json.loads((root / "vae" / "config.json").read_text())
-    size = unet["sample_size"]
+    # FLUX's transformer has no sample_size: FluxPipeline's default is 128 latent pixels.
+    size = denoiser.get("sample_size", 128)
     side = size[0] if isinstance(size, (list, tuple)) else size
     return int(side) * 2 ** (len(vae["block_out_channels"]) - 1)
 
@@ -165,8 +167,6 @@ def _check_pipeline_folder(folder: Path, what: str) -> Path:
     if family is None:
         raise ModelNotAvailable(f"{what} is a {spec.get('_class_name')} model; subjectflow supports "
                                 f"{supported()}: pick such a base model")
-    if family.unsupported:
-        raise ModelNotAvailable(f"{what}: {family.unsupported}; pick a base model of {supported()}")
     components = [name for name, part in spec.items()
                   if not name.startswith("_") and isinstance(part, list) and part[0] is not None]
     missing = [name for name in components if not (folder / name).is_dir()]
@@ -199,22 +199,27 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 @dataclass(frozen=True)
 class ModelParts:
     """The separate modules a training loop needs, as diffusers' train_dreambooth_lora.py
-    loads them: all on one device in one dtype, text_encoder and vae frozen. What of the
-    unet trains is the method's choice, so its parameters are left as loaded. A family with a
-    second text encoder (SDXL) has it in `tokenizer_2` / `text_encoder_2`."""
+    loads them: all on one device in one dtype, text_encoder and vae frozen. `unet` is the
+    denoiser: a UNet, or SD3's and FLUX's transformer. What of it trains is the method's
+    choice, so its parameters are left as loaded. A family with more text encoders (SDXL's
+    second CLIP, FLUX's T5; SD3's second CLIP and T5) has them in `tokenizer_2` /
+    `text_encoder_2` and `tokenizer_3` / `text_encoder_3`, and the schedule the denoiser was
+    trained on (DDPM, or flow matching) is `noise_scheduler`."""
 
     path: str
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
+    unet: UNet2DConditionModel | FluxTransformer2DModel
+    noise_scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     family: Family = SD
-    tokenizer_2: CLIPTokenizer | None = None
-    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | T5TokenizerFast | None = None
+    text_encoder_2: CLIPTextModelWithProjection | T5EncoderModel | None = None
+    tokenizer_3: T5TokenizerFast | None = None
+    text_encoder_3: T5EncoderModel | None = None
 
     def text_encoders(self) -> list[CLIPTextModel]:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
 
 def load_components(model: str, models_dir: Path, device: torch.device, dtype: torch.dtype, *,
@@ -223,8 +228,8 @@ def load_components(model: str, models_dir: Path, device: torch.device, dtype: t
     pipeline for sampling. Like train_dreambooth_lora.py with mixed precision, a method that
     trains in bf16/fp16 keeps its trainable parameters (LoRA) in fp32 itself
     (diffusers.training_utils.cast_training_params); full fine-tuning wants dtype fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
 
     path = resolve_model_path(model, models_dir, allow_download=allow_download)
     if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32), as diffusers' --allow_tf32
@@ -233,25 +238,28 @@ def load_components(model: str, models_dir: Path, device: torch.device, dtype: t
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     family = model_family(path)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    tokenizer_2, text_encoder_2 = family.second_text_encoder(path)
+    text_encoder = family.first_text_encoder(path)
+    extra = family.extra_text_encoders(path)
+    (tokenizer_2, text_encoder_2), (tokenizer_3, text_encoder_3) = (extra + [(None, None)] * 2)[:2]
     # transformers casts on .to() without complaint (and its own keyword changed too).
-    encoders = [encoder.to(dtype=dtype) for encoder in (text_encoder, text_encoder_2) if encoder is not None]
+    encoders = [encoder.to(dtype=dtype) for encoder in (text_encoder, text_encoder_2, text_encoder_3)
+                if encoder is not None]
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **_dtype_kwarg(dtype))
     for frozen in (*encoders, vae):
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(device)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **_dtype_kwarg(dtype))
+    unet = family.load_denoiser(path, **_dtype_kwarg(dtype))
     return ModelParts(
         path=path,
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=text_encoder,
         vae=vae,
         unet=unet.to(device),
-        # Whatever sampler the model ships (SD 1.5: PNDM), training adds noise the DDPM way.
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        noise_scheduler=family.training_scheduler(path),
         family=family,
         tokenizer_2=tokenizer_2,
         text_encoder_2=text_encoder_2,
+        tokenizer_3=tokenizer_3,
+        text_encoder_3=text_encoder_3,
     )

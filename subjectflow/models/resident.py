@@ -31,8 +31,9 @@ def _weights_stamp(path: str) -> tuple:
 
 
 def _modules(parts: ModelParts) -> dict[str, torch.nn.Module]:
-    second = {"text_encoder_2": parts.text_encoder_2} if parts.text_encoder_2 is not None else {}
-    return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae, **second}
+    extra = {name: getattr(parts, name) for name in ("text_encoder_2", "text_encoder_3")
+             if getattr(parts, name) is not None}
+    return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae, **extra}
 
 
 def _fingerprint(parts: ModelParts) -> torch.Tensor:

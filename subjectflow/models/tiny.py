@@ -1,5 +1,5 @@
-"""The embedded models: "tiny-sd" (the default) and "tiny-sdxl", randomly initialised
-Stable Diffusion 1.x and SDXL pipelines.
+"""The embedded models: "tiny-sd" (the default), "tiny-sdxl", "tiny-sd3" and "tiny-flux",
+randomly initialised Stable Diffusion 1.x, SDXL, SD3 and FLUX.1 pipelines.
 
 Tests and demos need a model of the real SD 1.x classes (UNet2DConditionModel with
 self/cross `Attention`, AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDPMScheduler) but
@@ -12,6 +12,11 @@ Sizes follow diffusers' own pipeline test configs, so a 64 px, 2-step generation
 well under a second on a CPU. tiny-sdxl has SDXL's parts at the same sizes: two CLIP text
 encoders (the second with a projection, whose pooled output conditions the UNet with the
 size "time ids"), a UNet with `addition_embed_type="text_time"` and SDXL's VAE scale.
+tiny-flux has FLUX.1-dev's: a FluxTransformer2DModel with guidance embedding, a CLIP and a
+T5 encoder (its Unigram tokenizer written here over the same corpus), FLUX's VAE shift and
+scale, and its flow-matching scheduler with resolution-dependent shifting. tiny-sd3 has
+SD3's: an SD3Transformer2DModel, two CLIP encoders with projections and a T5, SD3's VAE
+shift and scale, and its flow-matching scheduler (shift 3).
 """
 
 from __future__ import annotations
@@ -27,16 +32,20 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch, diffusers and transformers take seconds to import; load them on use
     from diffusers import DiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5TokenizerFast
 
 TINY_SD = "tiny-sd"
 TINY_SDXL = "tiny-sdxl"
-TINY_MODELS = (TINY_SD, TINY_SDXL)
+TINY_SD3 = "tiny-sd3"
+TINY_FLUX = "tiny-flux"
+TINY_MODELS = (TINY_SD, TINY_SDXL, TINY_SD3, TINY_FLUX)
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 _MAX_MERGES = 480  # at most 512 byte symbols + 480 merges + 2 specials
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+T5_MAX_LENGTH = 512
 
 # DreamBench's object prompt templates ("{}" = "sks <class noun>") and class nouns,
 # plus the product words the pipeline itself writes into prompts. The BPE learnt over
@@ -143,6 +152,29 @@ def build_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(write_tokenizer_files(Path(folder)), model_max_length=MAX_LENGTH)
 
 
+def build_t5_tokenizer() -> T5TokenizerFast:
+    """A Unigram tokenizer in T5's format (a "▁" marks a word start, "</s>" ends the text):
+    each corpus word is one piece, and single characters spell out any other word."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = sorted(_corpus_word_counts())
+    pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS}", special_tokens=[(T5_EOS, 1)])
+    with tempfile.TemporaryDirectory(prefix="tiny-t5-tokenizer-") as folder:
+        tokenizer.save(str(Path(folder) / "tokenizer.json"))
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_LENGTH, "extra_ids": 0,
+            "pad_token": T5_PAD, "eos_token": T5_EOS, "unk_token": T5_UNK}))
+        return T5TokenizerFast.from_pretrained(folder)
+
+
 def build_pipeline(seed: int = 0, name: str = TINY_SD) -> DiffusionPipeline:
     """The tiny pipeline `name` in memory. Each module is created right after re-seeding,
     so its weights depend only on `seed`, not on what was built before it."""
@@ -151,8 +183,9 @@ def build_pipeline(seed: int = 0, name: str = TINY_SD) -> DiffusionPipeline:
     if name not in TINY_MODELS:
         raise ValueError(f"no embedded model {name!r}; they are {', '.join(TINY_MODELS)}")
     tokenizer = build_tokenizer()
+    build = {TINY_SD: _seeded_pipeline, TINY_SDXL: _seeded_sdxl, TINY_SD3: _seeded_sd3, TINY_FLUX: _seeded_flux}[name]
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-        return _seeded_sdxl(tokenizer, seed) if name == TINY_SDXL else _seeded_pipeline(tokenizer, seed)
+        return build(tokenizer, seed)
 
 
 def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -166,7 +199,7 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def _vae(seed: int, scaling_factor: float):
+def _vae(seed: int, scaling_factor: float, **flux: float | bool):
     import torch
     from diffusers import AutoencoderKL
 
@@ -175,7 +208,7 @@ def _vae(seed: int, scaling_factor: float):
     return AutoencoderKL(
         block_out_channels=[32, 64], in_channels=3, out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4, norm_num_groups=32, sample_size=64, scaling_factor=scaling_factor,
+        latent_channels=4, norm_num_groups=32, sample_size=64, scaling_factor=scaling_factor, **flux,
     )
 
 
@@ -237,6 +270,71 @@ def _seeded_sdxl(tokenizer: CLIPTokenizer, seed: int) -> DiffusionPipeline:
     )
 
 
+def _t5(tokenizer: T5TokenizerFast, seed: int, width: int):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    ))
+
+
+def _seeded_sd3(tokenizer: CLIPTokenizer, seed: int) -> DiffusionPipeline:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    t5_tokenizer = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    # diffusers' SD3 pipeline test transformer, except that T5 is 64 wide: the two CLIPs'
+    # states side by side (32 + 32) are padded to T5's width, as SD3 pads 2,048 to 4,096.
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+    )
+    vae = _vae(seed, 1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer, text_encoder_3=_t5(t5_tokenizer, seed + 2, 64), tokenizer_3=t5_tokenizer,
+    )
+
+
+def _seeded_flux(tokenizer: CLIPTokenizer, seed: int) -> DiffusionPipeline:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    t5_tokenizer = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    # diffusers' FLUX pipeline test transformer, taking 2x2 patches of 4 latent channels
+    # (16 inputs); its rotary axes (4 + 4 + 8) make up the 16-wide attention head.
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = _vae(seed, 0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = _t5(t5_tokenizer, seed + 1, 32)
+    # FLUX.1-dev's scheduler: the sigma schedule is shifted by the image's token count at sampling.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+
+
 def build_tiny_sd(dest: Path, seed: int = 0) -> Path:
     return build_tiny(dest, TINY_SD, seed)
 
@@ -263,8 +361,8 @@ def build_tiny(dest: Path, name: str, seed: int = 0) -> Path:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; the CLIP-format files beside it let
         # transformers 4's slow CLIPTokenizer load the folder too, as with real SD repos.
-        for folder in ("tokenizer", "tokenizer_2"):
-            if hasattr(pipe, folder):
+        for folder in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            if type(getattr(pipe, folder, None)).__name__.startswith("CLIPTokenizer"):
                 write_tokenizer_files(tmp / folder)
         _fsync_tree(tmp)
         try:

@@ -1,6 +1,8 @@
-"""LoRA adapters on a diffusers UNet: add, snapshot, and save/load in diffusers' format.
+"""LoRA adapters on a diffusers denoiser (a UNet, or FLUX's transformer): add, snapshot,
+and save/load in diffusers' format.
 
-Saved files are exactly what `StableDiffusionPipeline.load_lora_weights` reads, so an
+Saved files are exactly what the family's pipeline's `load_lora_weights` reads
+(`StableDiffusionPipeline`'s "unet." keys, SD3's and FLUX's "transformer." keys), so an
 adapter from the catalog works in any plain diffusers script.
 """
 
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
@@ -76,18 +79,30 @@ def load_adapter_state(unet: UNet2DConditionModel, state: dict[str, torch.Tensor
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
 
 
+def _lora_format(denoiser: torch.nn.Module) -> tuple[type, str]:
+    """The pipeline class whose LoRA files fit `denoiser`, and its key prefix."""
+    if isinstance(denoiser, UNet2DConditionModel):
+        return StableDiffusionPipeline, "unet"
+    if isinstance(denoiser, SD3Transformer2DModel):
+        return StableDiffusion3Pipeline, "transformer"
+    return FluxPipeline, "transformer"
+
+
 def lora_file_bytes(unet: UNet2DConditionModel, adapter_name: str) -> bytes:
     """The adapter as a diffusers LoRA safetensors file."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    pipeline, prefix = _lora_format(unet)
     with tempfile.TemporaryDirectory() as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=WEIGHT_NAME)
+        pipeline.save_lora_weights(tmp, **{f"{prefix}_lora_layers": layers}, weight_name=WEIGHT_NAME)
         return (Path(tmp) / WEIGHT_NAME).read_bytes()
 
 
 def load_lora_file(unet: UNet2DConditionModel, path: Path, adapter_name: str) -> None:
     """Load a diffusers LoRA file into `unet` under `adapter_name` (frozen)."""
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(path.parent), weight_name=path.name)
-    unet.load_lora_adapter(state, prefix="unet", adapter_name=adapter_name)
+    pipeline, prefix = _lora_format(unet)
+    state = pipeline.lora_state_dict(str(path.parent), weight_name=path.name)
+    state = state[0] if isinstance(state, tuple) else state  # SD's also returns network alphas
+    unet.load_lora_adapter(state, prefix=prefix, adapter_name=adapter_name)
 
 
 @contextlib.contextmanager

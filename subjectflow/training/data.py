@@ -26,7 +26,7 @@ def class_prompt(class_name: str) -> str:
 def decode_image(vae, latents: torch.Tensor) -> Image.Image:
     """The first of `latents` [N, C, h, w] (scaled, as sampling leaves them) as an RGB image."""
     dtype = next(vae.parameters()).dtype
-    image = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+    image = vae.decode(latents.to(dtype) / vae.config.scaling_factor + _shift(vae)).sample
     array = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array, "RGB")
 
@@ -52,12 +52,17 @@ def load_masks(paths: list[Path], resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """[N, 3, R, R] pixels -> [N, C, R/f, R/f] scaled latents (the distribution's mode:
-    deterministic, so cached latents and resumed runs agree)."""
+    """[N, 3, R, R] pixels -> [N, C, R/f, R/f] shifted and scaled latents, as the denoiser
+    sees them (the distribution's mode: deterministic, so cached latents and resumed runs agree)."""
     param = next(vae.parameters())
     chunks = [vae.encode(chunk.to(param.device, param.dtype)).latent_dist.mode()
               for chunk in images.split(batch_size)]
-    return torch.cat(chunks).float() * vae.config.scaling_factor
+    return (torch.cat(chunks).float() - _shift(vae)) * vae.config.scaling_factor
+
+
+def _shift(vae) -> float:
+    # FLUX's VAE centres its latents (shift_factor); SD's has none.
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Denoising maths every method shares: regression targets, per-sample errors, the
-plain denoising loss, and one UNet call in the model's dtype.
+"""Denoising maths every method shares: noising and regression targets for both schedules
+(DDPM; flow matching, FLUX), per-sample errors, the plain denoising loss, and one
+denoiser call in the model's dtype.
 
 The SFO pairwise loss lives with SFO; this is what SFT, JeDi, OneActor and SFO's own
 reference all regress with.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
 from ..models.families import Prompt
 
@@ -20,10 +21,27 @@ Metrics = dict[str, float]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def flow_matching(noise_scheduler: Any) -> bool:
+    """Whether the denoiser was trained by flow matching (FLUX): x_t = (1 - t)·x0 + t·eps with
+    t in [0, 1] (1 = pure noise), regressing the velocity eps - x0."""
+    return isinstance(noise_scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def noised(noise_scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`x0` [B, ...] noised with `noise` at timesteps `t` [B]: DDPM indices, or flow-matching times."""
+    if flow_matching(noise_scheduler):
+        t = t.to(x0).view(-1, *[1] * (x0.ndim - 1))
+        return (1 - t) * x0 + t * noise
+    return noise_scheduler.add_noise(x0, noise, t)
+
+
 def denoising_target(
     noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
-    """What the denoiser regresses for one noised batch, by the scheduler's `prediction_type`."""
+    """What the denoiser regresses for one noised batch: flow matching's velocity, or by the
+    DDPM scheduler's `prediction_type`."""
+    if flow_matching(noise_scheduler):
+        return noise - latents
     prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
     if prediction_type == "epsilon":
         return noise
@@ -91,21 +109,44 @@ def pick(latents: torch.Tensor, batch_size: int, generator: torch.Generator) -> 
 
 def unet_eps(unet: UNet2DConditionModel, dtype: torch.dtype, noisy: torch.Tensor, timesteps: torch.Tensor,
              embeds: Prompt | torch.Tensor) -> torch.Tensor:
-    """One UNet call; inputs in the UNet's dtype, the prediction back in fp32 for the loss.
+    """One denoiser call; inputs in its dtype, the prediction back in fp32 for the loss.
 
-    `embeds` is an encoded `Prompt` (any family), or an SD prompt's token states [1 or B, L, D].
-    `dtype` is passed in because `unet.dtype` walks every parameter (ms per call on SD 1.5).
+    `embeds` is an encoded `Prompt` (any family: it knows how its denoiser is called), or an
+    SD prompt's token states [1 or B, L, D]. `dtype` is passed in because `unet.dtype` walks
+    every parameter (ms per call on SD 1.5).
     """
-    prompt = embeds if isinstance(embeds, Prompt) else Prompt(embeds)
-    return unet(noisy.to(dtype), timesteps, **prompt.unet_inputs(noisy.shape[0], noisy.device, dtype)).sample.float()
+    return Prompt.of(embeds).predict(unet, dtype, noisy, timesteps)
+
+
+TIMESTEP_DENSITIES = ("uniform", "logit_normal")
+
+
+def training_timesteps(noise_scheduler: Any, n: int, generator: torch.Generator,
+                       density: str = "uniform") -> torch.Tensor:
+    """DreamBooth's timesteps [n], on the generator's device: uniform DDPM indices, or for flow
+    matching a pick of the scheduler's training sigmas (shifted as the model was trained), as
+    diffusers' DreamBooth-LoRA scripts draw them: by `density` (their --weighting_scheme: FLUX's
+    "none" is uniform, SD3's default logit_normal(0, 1)), and the loss unweighted."""
+    if density not in TIMESTEP_DENSITIES:
+        raise ValueError(f"timestep density {density!r} is not one of {', '.join(TIMESTEP_DENSITIES)}")
+    steps = int(noise_scheduler.config.num_train_timesteps)
+    if density == "logit_normal":
+        if not flow_matching(noise_scheduler):
+            raise ValueError("logit-normal SFT timesteps are for flow-matching models (SD3)")
+        u = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
+        index = (u * steps).long().clamp(max=steps - 1)
+    else:
+        index = torch.randint(0, steps, (n,), generator=generator, device=generator.device)
+    if flow_matching(noise_scheduler):
+        return noise_scheduler.sigmas[index.cpu()].to(generator.device, torch.float32)
+    return index
 
 
 def noised_prediction(unet: UNet2DConditionModel, dtype: torch.dtype, scheduler: Any, x0: torch.Tensor,
-                      embeds: Prompt | torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """DreamBooth's step: noise `x0` [B, C, h, w] at uniform timesteps drawn by `generator`
-    and return (the UNet's prediction under `embeds`, its regression target)."""
+                      embeds: Prompt | torch.Tensor, generator: torch.Generator,
+                      density: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """DreamBooth's step: noise `x0` [B, C, h, w] at timesteps drawn by `generator` from
+    `density` and return (the denoiser's prediction under `embeds`, its regression target)."""
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-    steps = int(scheduler.config.num_train_timesteps)
-    t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    return unet_eps(unet, dtype, noisy, t, embeds), denoising_target(scheduler, x0, noise, t)
+    t = training_timesteps(scheduler, x0.shape[0], generator, density).to(x0.device)
+    return unet_eps(unet, dtype, noised(scheduler, x0, noise, t), t, embeds), denoising_target(scheduler, x0, noise, t)

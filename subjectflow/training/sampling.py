@@ -1,4 +1,4 @@
-"""Sampling every method shares: prompts with `{subject}`, the DDIM pipeline, LoRA stacks,
+"""Sampling every method shares: prompts with `{subject}`, the family's pipeline, LoRA stacks,
 and registering each image in the `samples` table."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from ..catalog import Catalog
 from ..catalog.schemas import SAMPLES
@@ -30,8 +30,8 @@ def subject_prompt(prompt: str, subject: Subject | None, noun: str = "") -> str:
 
 
 def sampling_pipeline(parts: ModelParts) -> DiffusionPipeline:
-    # DDIM samples well in tens of steps; the training scheduler (DDPM) needs hundreds.
-    pipe = parts.family.sampling_pipeline(parts, DDIMScheduler.from_config(parts.noise_scheduler.config))
+    family = parts.family
+    pipe = family.sampling_pipeline(parts, family.sampling_scheduler(parts.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,24 +1,43 @@
-"""Model families: SDXL loads, encodes and trains through the same calls as SD; the families
-subjectflow does not run are refused with the reason before anything loads."""
+"""Model families: SDXL and FLUX load, encode and train through the same calls as SD; the
+families subjectflow does not run are refused with the reason before anything loads."""
 
 import json
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
+from PIL import Image
 
 from subjectflow.methods import registry
 from subjectflow.methods.base import Context
-from subjectflow.models import TINY_SDXL, ModelNotAvailable, build_tiny, load_components, resolve_model_path
-from subjectflow.models.families import SDXL
-from subjectflow.training.diffusion import unet_eps
+from subjectflow.methods.oneactor.math import load_projector
+from subjectflow.models import (TINY_FLUX, TINY_SD3, TINY_SDXL, ModelNotAvailable, build_tiny, load_components,
+                                load_pipeline, native_resolution, resolve_model_path)
+from subjectflow.models.families import FLUX, SD3, SDXL
+from subjectflow.training.diffusion import noised_prediction, training_timesteps, unet_eps
 from subjectflow.training.subjects import TuningError, load_subject
 from tests.training.conftest import ingested_catalog, tiny_config
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("models") / TINY_SDXL, TINY_SDXL)
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(models):
+    return build_tiny(models / TINY_SDXL, TINY_SDXL)
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(models):
+    return build_tiny(models / TINY_SD3, TINY_SD3)
+
+
+@pytest.fixture(scope="module")
+def flux_dir(models):
+    return build_tiny(models / TINY_FLUX, TINY_FLUX)
 
 
 def test_tiny_sdxl_loads_both_text_encoders_frozen_and_its_prompts_condition_the_unet(sdxl_dir):
@@ -41,38 +60,111 @@ def test_tiny_sdxl_loads_both_text_encoders_frozen_and_its_prompts_condition_the
     assert not torch.equal(unet_eps(parts.unet, torch.bfloat16, noisy, t, other_size), eps)
 
 
-def test_sfo_trains_on_its_sdxl_negatives_and_samples_and_methods_not_written_for_sdxl_are_refused(tmp_path,
-                                                                                                   sdxl_dir):
+def test_tiny_flux_encodes_with_t5_and_clip_and_its_transformer_denoises_packed_latents(flux_dir):
+    parts = load_components(str(flux_dir), flux_dir.parent, torch.device("cpu"), torch.float32)
+    assert parts.family is FLUX and type(parts.unet).__name__ == "FluxTransformer2DModel"
+    assert type(parts.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert native_resolution(str(flux_dir)) == 128 * 2  # FluxPipeline's default 128 latent pixels
+    for frozen in (*parts.text_encoders(), parts.vae):
+        assert not any(p.requires_grad for p in frozen.parameters())
+    # The T5 tokenizer written for tiny-flux: a corpus word is one piece, then "</s>".
+    ids = parts.tokenizer_2("a photo of sks mug").input_ids
+    assert len(ids) == 6 and ids[-1] == parts.tokenizer_2.eos_token_id
+
+    prompt = FLUX.encode(parts, "a photo of sks mug", 32)
+    assert prompt.states.shape == (1, 512, 32) and prompt.pooled.shape == (1, 32) and prompt.time_ids is None
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    pred, target = noised_prediction(parts.unet, torch.float32, parts.noise_scheduler, x0, prompt,
+                                     torch.Generator().manual_seed(1))
+    assert pred.shape == target.shape == x0.shape
+    # The velocity target: the noise drawn after x0's draw, minus x0.
+    generator = torch.Generator().manual_seed(1)
+    torch.testing.assert_close(target, torch.randn(x0.shape, generator=generator) - x0)
+    # CLIP's pooled embedding reaches the transformer, not only T5's states.
+    t = torch.tensor([0.5, 0.5])
+    other = type(prompt)(prompt.states, torch.zeros_like(prompt.pooled))
+    assert not torch.equal(unet_eps(parts.unet, torch.float32, x0, t, other), unet_eps(parts.unet, torch.float32, x0, t, prompt))
+
+
+def test_tiny_sd3_joins_its_three_encoders_on_the_sequence_and_its_transformer_takes_t_times_1000(sd3_dir):
+    parts = load_components(str(sd3_dir), sd3_dir.parent, torch.device("cpu"), torch.float32)
+    assert parts.family is SD3 and type(parts.unet).__name__ == "SD3Transformer2DModel"
+    assert len(parts.text_encoders()) == 3 and native_resolution(str(sd3_dir)) == 64
+    prompt = SD3.encode(parts, "a photo of sks mug", 32)
+    # Both CLIPs' states (32 + 32, padded to T5's 64) then T5's 256; both pooled outputs side by side.
+    assert prompt.states.shape == (1, 77 + 256, 64) and prompt.pooled.shape == (1, 64)
+    assert torch.equal(prompt.states[:, 77:], parts.text_encoder_3(
+        parts.tokenizer_3("a photo of sks mug", padding="max_length", max_length=256,
+                          return_tensors="pt").input_ids).last_hidden_state)
+
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.25, 0.25])
+    pred = unet_eps(parts.unet, torch.float32, x0, t, prompt)
+    direct = parts.unet(hidden_states=x0, encoder_hidden_states=prompt.states.expand(2, -1, -1),
+                        pooled_projections=prompt.pooled.expand(2, -1), timestep=t * 1000).sample
+    torch.testing.assert_close(pred, direct)
+    # SFT's timesteps are logit-normal picks of the shifted sigmas, as diffusers' SD3 script draws them.
+    sigmas = training_timesteps(parts.noise_scheduler, 4000, torch.Generator().manual_seed(2), SD3.sft_timesteps)
+    grid = parts.noise_scheduler.sigmas.tolist()
+    index = torch.tensor([grid.index(sigma) for sigma in sigmas.tolist()])  # every one is a training sigma
+    # The middle third of the schedule holds 51% of a logit-normal(0, 1) draw (uniform: 33%).
+    assert 0.47 < ((index >= 333) & (index < 667)).float().mean().item() < 0.55
+
+
+@pytest.mark.parametrize("model, family", [("sdxl_dir", SDXL), ("sd3_dir", SD3), ("flux_dir", FLUX)],
+                         ids=["sdxl", "sd3", "flux"])
+def test_sfo_trains_on_its_negatives_and_samples_and_methods_not_written_for_the_family_are_refused(
+        tmp_path, request, model, family):
+    folder = request.getfixturevalue(model)
     catalog = ingested_catalog(tmp_path, subjects=("red_mug",))
-    config = tiny_config(model={"base": str(sdxl_dir)}, train={"steps": 2, "checkpoint_every": 2},
+    config = tiny_config(model={"base": str(folder)}, train={"steps": 2, "checkpoint_every": 2},
                          sfo={"steps": 2}, negatives={"per_photo": 1, "steps": 2})
     with Context.open(catalog, config, say=lambda line: None) as ctx:
         subject = load_subject(catalog, "red_mug")
         # Refused from the settings alone: the model is not loaded for it.
-        with pytest.raises(TuningError, match=r"oneactor does not run on SDXL base models .* it runs on "
-                                              r"Stable Diffusion 1.x/2.x: pick such a base model"):
-            registry.artefact_ids(ctx, "oneactor", subject)
+        with pytest.raises(TuningError, match=rf"detex does not run on {family.label} base models .* it runs "
+                                              r"on Stable Diffusion 1.x/2.x: pick such a base model"):
+            registry.artefact_ids(ctx, "detex", subject)
         assert ctx._parts is None
 
         rows = registry.ensure(ctx, "sfo", subject)  # SFT, then its img2img negatives, then SFO
-        assert ctx.parts.family is SDXL and rows["sft"]["steps"] == rows["sfo"]["steps"] == 2
-        assert rows["sfo"]["base_model"].startswith(str(sdxl_dir))
+        assert ctx.parts.family is family and rows["sft"]["steps"] == rows["sfo"]["steps"] == 2
+        assert rows["sfo"]["base_model"].startswith(str(folder))
         negatives = catalog.read("negatives").to_pylist()
         assert len(negatives) == len(subject.images) and {n["resolution"] for n in negatives} == {32}
-        assert all(catalog.blob_path(n["file"]).is_file() for n in negatives)
+        assert all(Image.open(catalog.blob_path(n["file"])).size == (32, 32) for n in negatives)
+        # Saved as the family's pipeline loads LoRAs: "unet." keys, or FluxPipeline's "transformer.".
+        keys = safetensors.torch.load_file(catalog.blob_path(rows["sfo"]["file"])).keys()
+        assert {k.split(".")[0] for k in keys} == {family.denoiser_folder}
+        plain = load_pipeline(str(folder), folder.parent, torch.device("cpu"), torch.float32)
+        weights = catalog.blob_path(rows["sfo"]["file"])
+        plain.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="sfo")
+        assert "sfo" in getattr(plain, family.denoiser_folder).peft_config
         samples = registry.sample(ctx, "sfo", "red_mug", "a {subject} on the beach", 1)
     assert [s["adapter_id"] for s in samples] == [rows["sfo"]["adapter_id"]]
     assert samples[0]["resolution"] == 32 and catalog.blob_path(samples[0]["file"]).is_file()
 
 
-@pytest.mark.parametrize("pipeline, message", [
-    ("StableDiffusion3Pipeline", "recognises Stable Diffusion 3 models but does not train or sample them yet"),
-    ("FluxPipeline", "recognises FLUX.1 models but does not train or sample them yet"),
-    ("KandinskyV22Pipeline", "is a KandinskyV22Pipeline model; subjectflow supports Stable Diffusion 1.x/2.x, SDXL"),
-])
-def test_families_it_cannot_run_are_refused_when_the_model_opens(sdxl_dir, tmp_path, pipeline, message):
+def test_oneactor_tunes_on_sdxl_with_the_offset_in_both_encoders_states_and_samples_cluster_guided(tmp_path,
+                                                                                                   sdxl_dir):
+    catalog = ingested_catalog(tmp_path, subjects=("red_mug",))
+    config = tiny_config(model={"base": str(sdxl_dir)}, oneactor={"steps": 2, "aux_images": 3, "cluster_steps": 2})
+    with Context.open(catalog, config, say=lambda line: None) as ctx:
+        row = registry.ensure(ctx, "oneactor", load_subject(catalog, "red_mug"))["oneactor"]
+        projector, features = load_projector(catalog.blob_path(row["file"]).read_bytes())
+        # Its offset is as wide as SDXL's token states: both CLIP encoders' side by side.
+        assert projector.text_width == 32 + 32 == ctx.parts.unet.config.cross_attention_dim
+        assert features["auxiliary"].shape[0] == 3 and row["steps"] == 2
+        unconditional = SDXL.unconditional(ctx.parts, 32)  # zeros, as SDXL's pipeline for an empty prompt
+        assert not unconditional.states.any() and not unconditional.pooled.any()
+        samples = registry.sample(ctx, "oneactor", "red_mug", "a {subject} on the beach", 1)
+    assert samples[0]["prompt"] == "a mug on the beach" and catalog.blob_path(samples[0]["file"]).is_file()
+
+
+def test_an_unknown_pipeline_is_refused_when_the_model_opens_naming_the_families_that_run(sdxl_dir, tmp_path):
     copy = shutil.copytree(sdxl_dir, tmp_path / "model")
     index = json.loads((copy / "model_index.json").read_text())
-    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
-    with pytest.raises(ModelNotAvailable, match=message):
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ModelNotAvailable, match="is a KandinskyV22Pipeline model; subjectflow supports Stable "
+                                                "Diffusion 1.x/2.x, SDXL, Stable Diffusion 3, FLUX.1: pick such"):
         resolve_model_path(str(copy), tmp_path)

@@ -273,10 +273,18 @@ def test_resolve_device():
         resolve_device("cpu", "fp16")
 
 
-@pytest.mark.parametrize("sample_size, vae_blocks, native",
-                         [(64, 4, 512), (96, 4, 768), (128, 4, 1024), ([64, 64], 4, 512)])
-def test_native_resolution_is_the_unets_sample_size_times_the_vae_factor(tmp_path, sample_size, vae_blocks, native):
-    for part, config in (("unet", {"sample_size": sample_size}), ("vae", {"block_out_channels": [64] * vae_blocks})):
+@pytest.mark.parametrize("pipeline, denoiser, sample_size, vae_blocks, native", [
+    ("StableDiffusionPipeline", "unet", {"sample_size": 64}, 4, 512),
+    ("StableDiffusionPipeline", "unet", {"sample_size": 96}, 4, 768),
+    ("StableDiffusionXLPipeline", "unet", {"sample_size": 128}, 4, 1024),
+    ("StableDiffusionPipeline", "unet", {"sample_size": [64, 64]}, 4, 512),
+    ("StableDiffusion3Pipeline", "transformer", {"sample_size": 128}, 4, 1024),
+    ("FluxPipeline", "transformer", {}, 4, 1024),  # no sample_size: FluxPipeline's default 128
+])
+def test_native_resolution_is_the_denoisers_sample_size_times_the_vae_factor(tmp_path, pipeline, denoiser,
+                                                                             sample_size, vae_blocks, native):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    for part, config in ((denoiser, sample_size), ("vae", {"block_out_channels": [64] * vae_blocks})):
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(json.dumps(config))
     assert native_resolution(str(tmp_path)) == native

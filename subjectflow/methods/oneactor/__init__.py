@@ -24,7 +24,7 @@ from ...ingest.photo import encode_png
 from ...progress import progress
 from ...training.adapters import frozen
 from ...training.artefacts import adapter_id, autocast_dtype, file_latents, prepare_unet, record_trained
-from ...training.data import class_prompt, decode_image, encode_prompt
+from ...training.data import class_prompt, decode_image
 from ...training.loop import train
 from ...training.sampling import record_samples, sample_row, subject_prompt
 from ...training.subjects import Subject
@@ -59,14 +59,17 @@ def train_oneactor(ctx: Context, subject: Subject, stop_after: int | None = None
     _, aux_latents, aux_h = auxiliary_cluster(ctx, subject.class_name)
     photos = [r["normalised_file"] for r in subject.images]
     target_latents = file_latents(parts, catalog, photos, config.train.resolution)
-    class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
+    resolution, family = config.train.resolution, parts.family
+    class_embeds = family.encode(parts, class_prompt(subject.class_name), resolution)
     scheduler = sampling_scheduler(ctx)
     target_h = last_step_features(parts.unet, scheduler, target_latents, class_embeds, oa.cluster_steps,
                                   generator=torch.Generator("cpu").manual_seed(config.train.seed))
-    embeds, positions = template_embeddings(parts.tokenizer, parts.text_encoder, subject.class_name)
+    embeds, positions = template_embeddings(lambda text: family.encode(parts, text, resolution), parts.tokenizer,
+                                            subject.class_name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)  # the projector's init, reproducible
-        projector = Projector.for_unet(parts.unet, parts.text_encoder.config.hidden_size,
+        # The offset lives in the token states' width: SDXL's is both encoders' side by side (2,048).
+        projector = Projector.for_unet(parts.unet, parts.unet.config.cross_attention_dim,
                                        sample_size=target_latents.shape[-1]).to(parts.unet.device)
     # The paper's optimiser whatever `train` says; the loop's other settings (checkpoints) hold.
     train_cfg = config.train.model_copy(update={"optimizer": "adamw", "weight_decay": oa.weight_decay})
@@ -101,8 +104,8 @@ def sample_oneactor(ctx: Context, subject: Subject, row: dict, prompt: str, n: i
     delta_average = projector.project(features["auxiliary"], batch_stats).mean(dim=0)
     text = subject_prompt(prompt, subject, subject.class_name)
     positions = class_token_positions(parts.tokenizer, text, subject.class_name)
-    cond = encode_prompt(parts.tokenizer, parts.text_encoder, text).to(unet.dtype)
-    uncond = encode_prompt(parts.tokenizer, parts.text_encoder, "").to(unet.dtype)
+    cond = parts.family.encode(parts, text, cfg.resolution).to(unet.dtype)
+    uncond = parts.family.unconditional(parts, cfg.resolution).to(unet.dtype)
     scheduler = sampling_scheduler(ctx)
     recorded = json.dumps({**asdict(settings), "batch_stats": batch_stats, "preset": config.oneactor.preset})
     rows = []
@@ -124,6 +127,7 @@ class OneActor(Method):
     name = NAME
     summary = "a projector from the subject's UNet features to a class-word offset; cluster-guided sampling"
     sections = ("train", "oneactor")  # train: its resolution and seed
+    families = ("sd", "sdxl")  # SDXL is the released code's only setting
     steps_setting = "oneactor.steps"
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:

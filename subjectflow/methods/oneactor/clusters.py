@@ -15,7 +15,7 @@ from ...catalog.schemas import CLUSTERS
 from ...catalog.store import utcnow
 from ...config import Config, stable_hash
 from ...training.artefacts import find_row
-from ...training.data import class_prompt, encode_prompt
+from ...training.data import class_prompt
 from ..base import Context
 from .math import sample_with_features
 
@@ -54,8 +54,8 @@ def _make_cluster(ctx: Context, class_name: str, key: str) -> dict:
     parts, params = ctx.parts, cluster_params(ctx.config, ctx.base, class_name)
     ctx.say(f"sampling OneActor's auxiliary cluster for {class_name!r}: {params['images']} base-model images")
     dtype = parts.unet.dtype
-    class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, params["prompt"]).to(dtype)
-    uncond_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, "").to(dtype)
+    class_embeds = parts.family.encode(parts, params["prompt"], params["resolution"]).to(dtype)
+    uncond_embeds = parts.family.unconditional(parts, params["resolution"]).to(dtype)
     latents, features = sample_with_features(
         parts.unet, sampling_scheduler(ctx), parts.vae, class_embeds, uncond_embeds, params["images"],
         steps=params["steps"], guidance=params["guidance"],

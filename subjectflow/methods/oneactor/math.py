@@ -23,8 +23,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from ...training.data import encode_prompt
-from ...training.diffusion import Metrics, denoising_target, per_sample_error, unet_eps
+from ...models.families import Prompt
+from ...training.diffusion import Metrics, denoising_target, noised, per_sample_error, unet_eps
 
 _FORMAT = "oneactor-projector"
 # The release's object templates (its imagenet_templates_small), a few of them.
@@ -193,10 +193,13 @@ def class_token_positions(tokenizer, prompt: str, class_word: str) -> list[int]:
     return sorted(set(positions))
 
 
-def apply_offset(prompt_embeds: torch.Tensor, positions: Sequence[int], delta: torch.Tensor,
-                 scale: float = 1.0) -> torch.Tensor:
+def apply_offset(prompt_embeds: Prompt | torch.Tensor, positions: Sequence[int], delta: torch.Tensor,
+                 scale: float = 1.0) -> Prompt | torch.Tensor:
     """c' = c + scale·delta at `positions` only: [B, L, D] + delta [B, D] (or [D], [1, D],
-    shared). A new tensor; every other entry is the input's, bit for bit."""
+    shared); a Prompt's token states take it. A new tensor; every other entry is the
+    input's, bit for bit."""
+    if isinstance(prompt_embeds, Prompt):  # the token states take the offset; pooled ones stay, as released
+        return prompt_embeds.with_states(apply_offset(prompt_embeds.states, positions, delta, scale))
     batch, length, width = prompt_embeds.shape
     index = torch.tensor(sorted(set(positions)), dtype=torch.long, device=prompt_embeds.device)
     if index.numel() == 0 or index.min() < 0 or index.max() >= length:
@@ -251,10 +254,10 @@ def _denoise(scheduler, latents: torch.Tensor, steps: int, generator: torch.Gene
     return latents
 
 
-def _unet(unet, scheduler, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    copies = embeds.shape[0] // latents.shape[0]
+def _unet(unet, scheduler, latents: torch.Tensor, t: torch.Tensor, embeds: Prompt) -> torch.Tensor:
+    copies = embeds.states.shape[0] // latents.shape[0]
     model_input = scheduler.scale_model_input(torch.cat([latents] * copies), t)
-    return unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    return embeds.predict(unet, unet.dtype, model_input, t)
 
 
 def _initial_latents(unet, vae, n: int, height: int | None, width: int | None, generator, dtype) -> torch.Tensor:
@@ -266,26 +269,27 @@ def _initial_latents(unet, vae, n: int, height: int | None, width: int | None, g
 
 
 @torch.no_grad()
-def sample(unet, scheduler, vae, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
+def sample(unet, scheduler, vae, cond_embeds: Prompt | torch.Tensor, uncond_embeds: Prompt | torch.Tensor,
            delta_target: torch.Tensor, delta_average: torch.Tensor, positions: Sequence[int],
            settings: GuidanceSettings, steps: int = 30, generator: torch.Generator | None = None,
            height: int | None = None, width: int | None = None, num_images: int = 1,
            latents: torch.Tensor | None = None) -> torch.Tensor:
     """Cluster-guided latents [N, C, h, w] (decode with training.data.decode_image).
 
-    cond/uncond_embeds [1, L, D] (uncond = the negative prompt's, or ""'s); delta_* [D] or
-    [1, D]; `positions` = class_token_positions(...) of the prompt. Steps
+    cond/uncond_embeds: encoded prompts of batch 1 (uncond = the negative prompt's, or the
+    family's unconditional one); delta_* [D] or [1, D]; `positions` = class_token_positions(...) of the prompt. Steps
     0..guided_steps-1 make one UNet call on [uncond, c + v·delta_tar, c + delta_aver] and
     combine them by `cluster_guidance`; later steps plain CFG on [uncond, c].
     Initial noise is drawn as StableDiffusionPipeline draws it, from `generator`.
     """
+    cond, uncond = Prompt.of(cond_embeds), Prompt.of(uncond_embeds)
     if latents is None:
-        latents = _initial_latents(unet, vae, num_images, height, width, generator, cond_embeds.dtype)
+        latents = _initial_latents(unet, vae, num_images, height, width, generator, cond.states.dtype)
     n = latents.shape[0]
-    target = apply_offset(cond_embeds, positions, delta_target, settings.v)
-    average = apply_offset(cond_embeds, positions, delta_average)
-    guided = torch.cat([uncond_embeds, target, average]).repeat_interleave(n, dim=0)
-    plain = torch.cat([uncond_embeds, cond_embeds]).repeat_interleave(n, dim=0)
+    target = apply_offset(cond, positions, delta_target, settings.v)
+    average = apply_offset(cond, positions, delta_average)
+    guided = Prompt.cat([uncond, target, average]).repeat_interleave(n)
+    plain = Prompt.cat([uncond, cond]).repeat_interleave(n)
 
     def model_output(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if i < settings.guided_steps:
@@ -297,15 +301,17 @@ def sample(unet, scheduler, vae, cond_embeds: torch.Tensor, uncond_embeds: torch
 
 
 @torch.no_grad()
-def sample_with_features(unet, scheduler, vae, class_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
+def sample_with_features(unet, scheduler, vae, class_embeds: Prompt | torch.Tensor,
+                         uncond_embeds: Prompt | torch.Tensor,
                          num_images: int, steps: int = 30, guidance: float = 7.5,
                          generator: torch.Generator | None = None, height: int | None = None,
                          width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The auxiliary cluster: plain-CFG base-model samples of the class prompt
-    (class_embeds [1, L, D]) and, as the release records it, the conditional half's
+    (class_embeds, batch 1) and, as the release records it, the conditional half's
     mid-block input at the last denoising step: (latents [N, C, h, w], h [N, C', S, S])."""
-    latents = _initial_latents(unet, vae, num_images, height, width, generator, class_embeds.dtype)
-    embeds = torch.cat([uncond_embeds, class_embeds]).repeat_interleave(num_images, dim=0)
+    cond = Prompt.of(class_embeds)
+    latents = _initial_latents(unet, vae, num_images, height, width, generator, cond.states.dtype)
+    embeds = Prompt.cat([Prompt.of(uncond_embeds), cond]).repeat_interleave(num_images)
     features: list[torch.Tensor] = []
 
     def model_output(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -325,31 +331,29 @@ def last_timestep(scheduler, steps: int) -> int:
 
 
 @torch.no_grad()
-def last_step_features(unet, scheduler, latents: torch.Tensor, embeds: torch.Tensor, steps: int = 30,
+def last_step_features(unet, scheduler, latents: torch.Tensor, embeds: Prompt | torch.Tensor, steps: int = 30,
                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """h [N, C, S, S] of real photos, which have no sampling trajectory: each latent
     [N, C, h, w] noised to the last step of the `steps`-step schedule (`last_timestep`), one
-    conditional UNet call with the class prompt's embeds [1, L, D], mid-block input kept."""
+    conditional UNet call with the class prompt's embeds (batch 1), mid-block input kept."""
     t = last_timestep(scheduler, steps)
     if noise is None:
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
     noisy = scheduler.scale_model_input(scheduler.add_noise(latents, noise, timesteps), timesteps[0])
     with mid_block_input(unet) as captured:
-        states = embeds.expand(latents.shape[0], -1, -1).to(unet.dtype)
-        unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=states)
+        Prompt.of(embeds).predict(unet, unet.dtype, noisy, timesteps)
     return captured[-1]
 
 
 # --- tuning ------------------------------------------------------------------------------
 
-def template_embeddings(tokenizer, text_encoder, class_word: str,
-                        templates: Sequence[str] = TEMPLATES) -> tuple[torch.Tensor, list[list[int]]]:
-    """The tuning prompts: embeds [T, L, D] of each template filled with the class word,
-    and the class word's token positions in each."""
+def template_embeddings(encode: Callable[[str], Prompt], tokenizer, class_word: str,
+                        templates: Sequence[str] = TEMPLATES) -> tuple[Prompt, list[list[int]]]:
+    """The tuning prompts: each template filled with the class word, encoded by `encode`
+    (the family's; batch T), and the class word's token positions in each."""
     prompts = [template.format(class_word) for template in templates]
-    embeds = torch.cat([encode_prompt(tokenizer, text_encoder, p) for p in prompts])
-    return embeds, [class_token_positions(tokenizer, p, class_word) for p in prompts]
+    return Prompt.cat([encode(p) for p in prompts]), [class_token_positions(tokenizer, p, class_word) for p in prompts]
 
 
 @dataclass
@@ -378,7 +382,7 @@ class OneActorObjective:
     target_h: torch.Tensor  # [N, C', S, S] their last-step features
     aux_latents: torch.Tensor  # [M, C, h, w] base-model samples of the class prompt
     aux_h: torch.Tensor  # [M, C', S, S] their last-step features
-    template_embeds: torch.Tensor  # [T, L, D] from template_embeddings()
+    template_embeds: Prompt | torch.Tensor  # batch T, from template_embeddings()
     template_positions: list[list[int]]  # class-word positions in each template
     aux_per_step: int = 3
     aux_weight: float = 0.5
@@ -389,8 +393,9 @@ class OneActorObjective:
     def __post_init__(self) -> None:
         if len(self.target_latents) != len(self.target_h) or len(self.aux_latents) != len(self.aux_h):
             raise ValueError("every latent needs its feature h in the same row (target and auxiliary)")
-        if len(self.template_positions) != len(self.template_embeds):
+        if len(self.template_positions) != len(Prompt.of(self.template_embeds).states):
             raise ValueError("template_positions needs one list of positions per template embedding")
+        self.template_embeds = Prompt.of(self.template_embeds)
         self._dtype = self.unet.dtype
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -403,7 +408,7 @@ class OneActorObjective:
 
         k = self.aux_per_step
         target, aux = randint(len(self.target_latents), 1), randint(len(self.aux_latents), k)
-        templates = randint(len(self.template_embeds), k + 1).tolist()
+        templates = randint(len(self.template_positions), k + 1).tolist()
         flips = (torch.rand(k + 1, generator=generator, device=generator.device) < self.flip_p).cpu().tolist()
         x0 = torch.cat([self.target_latents[target], self.aux_latents[aux]])
         x0 = torch.stack([x.flip(-1) if flip else x for x, flip in zip(x0, flips)])
@@ -420,9 +425,9 @@ class OneActorObjective:
         self.projector.train()  # batch-statistics BN while tuning, as the release (and BN) trains
         delta = self.projector(example.h)  # [k+1, D]
         deltas = torch.cat([delta, delta[1:].mean(dim=0, keepdim=True)])
-        embeds = torch.cat([apply_offset(self.template_embeds[j:j + 1], self.template_positions[j], deltas[s])
-                            for s, j in enumerate(example.templates)])
-        noisy = self.scheduler.add_noise(example.x0, example.noise, example.timesteps)
+        embeds = Prompt.cat([apply_offset(self.template_embeds.at(torch.tensor([j])), self.template_positions[j],
+                                          deltas[s]) for s, j in enumerate(example.templates)])
+        noisy = noised(self.scheduler, example.x0, example.noise, example.timesteps)
         pred = unet_eps(self.unet, self._dtype, noisy, example.timesteps, embeds)
         errors = per_sample_error(pred, denoising_target(self.scheduler, example.x0, example.noise, example.timesteps))
         parts = torch.stack([errors[0], errors[1:-1].mean(), errors[-1]])

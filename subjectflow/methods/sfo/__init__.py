@@ -65,7 +65,7 @@ class Sfo(Method):
     sections = ("train", "sfo", "negatives")
     makes_negatives = True
     steps_setting = "sfo.steps"
-    families = ("sd", "sdxl")
+    families = ("sd", "sdxl", "sd3", "flux")
 
     def artefact_id(self, ctx: Context, subject: Subject | None, needs: dict[str, str]) -> str:
         negatives = [nid for nid, _, _ in planned_negatives(subject, ctx.config, needs["sft"], ctx.base)]

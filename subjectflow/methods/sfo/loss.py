@@ -1,12 +1,14 @@
 """SFO: Subject Fidelity Optimization (METHODS.md section 1).
 
 Shin et al., "Negative-Guided Subject Fidelity Optimization for Zero-Shot Subject-Driven
-Generation", arXiv 2506.03621. The paper trains a flow-matching model (FLUX); this module
-implements the epsilon-/v-prediction form for DDPM-style schedulers (SD family), which has
-the same pairwise structure as Diffusion-DPO (Wallace et al. 2023):
+Generation", arXiv 2506.03621. Both forms share one pairwise loss (the structure of
+Diffusion-DPO, Wallace et al. 2023), and differ in how a pair is noised:
 
-    x_t^± = sqrt(abar_t)·x0^± + sqrt(1-abar_t)·eps      (same eps and t within a pair)
-    D     = ||f(x_t+) - target+||² - ||f(x_t-) - target-||²   (per-sample mean)
+    flow matching (FLUX, the paper's own form): t = sigmoid(n), n ~ N(0, 1), drawn directly
+        (not through the scheduler's shifted sigmas); x_t^± = (1-t)·x0^± + t·eps, target eps - x0^±
+    DDPM (SD family, our choice): t -> round(t·(T-1)); x_t^± = sqrt(abar_t)·x0^± + sqrt(1-abar_t)·eps,
+        target by the scheduler's prediction type
+    D     = ||f(x_t+) - target+||² - ||f(x_t-) - target-||²   (per-sample mean; same eps and t in a pair)
     L_SFO = -log sigmoid(-beta·(D_model - D_ref))
 
 The policy is the SFT model plus the SFO adapter; the reference is the frozen SFT model.
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...training.diffusion import Metrics, denoising_target, per_sample_error
+from ...training.diffusion import Metrics, denoising_target, flow_matching, noised, per_sample_error
 
 
 
@@ -69,9 +71,9 @@ class PairBatch:
     noisy_pos: torch.Tensor
     noisy_neg: torch.Tensor
     noise: torch.Tensor
-    timesteps: torch.LongTensor
+    timesteps: torch.Tensor  # [B] DDPM indices, or flow-matching times in [0, 1]
 
-    def stacked(self) -> tuple[torch.Tensor, torch.LongTensor]:
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positives then negatives as one batch, so one denoiser call scores both halves."""
         return torch.cat([self.noisy_pos, self.noisy_neg]), torch.cat([self.timesteps, self.timesteps])
 
@@ -79,8 +81,8 @@ class PairBatch:
 def _num_train_timesteps(noise_scheduler: Any) -> int:
     if not hasattr(noise_scheduler, "add_noise"):
         raise ValueError(
-            f"{type(noise_scheduler).__name__} has no add_noise(); SFO's epsilon form needs a "
-            "DDPM-style scheduler (e.g. diffusers DDPMScheduler)"
+            f"{type(noise_scheduler).__name__} has no add_noise(); SFO needs a DDPM-style scheduler "
+            "(e.g. diffusers DDPMScheduler) or flow matching's FlowMatchEulerDiscreteScheduler"
         )
     return int(noise_scheduler.config.num_train_timesteps)
 
@@ -96,7 +98,8 @@ def noised_pair(
     """Noise both images of each pair with the SAME eps and t (METHODS.md section 1).
 
     Sharing them is what makes D_model a comparison of the two images rather than of two
-    noise draws; t is logit-normal over the scheduler's discrete train timesteps.
+    noise draws. t is logit-normal: the flow-matching time itself, or mapped onto a DDPM
+    scheduler's discrete train timesteps.
     """
     if latents_pos.shape != latents_neg.shape:
         raise ValueError(
@@ -105,16 +108,19 @@ def noised_pair(
         )
     if latents_pos.ndim < 1 or latents_pos.shape[0] < 1:
         raise ValueError(f"latents need a batch dimension of size >= 1, got {tuple(latents_pos.shape)}")
-    num_train_timesteps = _num_train_timesteps(noise_scheduler)
     sample_device = generator.device if generator is not None else latents_pos.device
     noise = torch.randn(latents_pos.shape, generator=generator, device=sample_device, dtype=torch.float32)
     noise = noise.to(latents_pos.device, latents_pos.dtype)
-    timesteps = logit_normal_timesteps(
-        latents_pos.shape[0], num_train_timesteps, generator, mean, std, device=sample_device
-    ).to(latents_pos.device)
+    n = latents_pos.shape[0]
+    if flow_matching(noise_scheduler):
+        timesteps = logit_normal(n, generator, mean, std, device=sample_device)
+    else:
+        timesteps = logit_normal_timesteps(n, _num_train_timesteps(noise_scheduler), generator, mean, std,
+                                           device=sample_device)
+    timesteps = timesteps.to(latents_pos.device)
     return PairBatch(
-        noisy_pos=noise_scheduler.add_noise(latents_pos, noise, timesteps),
-        noisy_neg=noise_scheduler.add_noise(latents_neg, noise, timesteps),
+        noisy_pos=noised(noise_scheduler, latents_pos, noise, timesteps),
+        noisy_neg=noised(noise_scheduler, latents_neg, noise, timesteps),
         noise=noise,
         timesteps=timesteps,
     )
@@ -155,8 +161,10 @@ def sfo_loss(
 
     L = mean_i -log sigmoid(-beta·(D_model_i - D_ref_i)),
     D_i = err(pred_pos_i, target_pos_i) - err(pred_neg_i, target_neg_i), err = mean squared error
-    over non-batch dims. beta is the paper's plain beta (1000 for FLUX); Diffusion-DPO's
-    beta·T·w(lambda_t) scaling is not applied, so SD runs may want beta in the thousands.
+    over non-batch dims. Beta convention: the paper's plain beta (1000 for FLUX, no 1/2
+    factor; = the official Diffusion-DPO code at 2000 and diffusers' DPO script at 1000), in
+    both forms. Diffusion-DPO's beta·T·w(lambda_t) scaling is not applied, so SD runs may
+    want beta in the thousands.
     The reference is detached: only the policy learns. Equals log 2 when policy == reference.
     """
     _check_same_shape(

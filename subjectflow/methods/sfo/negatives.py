@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from ...catalog import Catalog
@@ -67,20 +67,23 @@ def record_negatives(catalog: Catalog, existing: dict[str, dict], rows: list[dic
 
 
 def negative_pipeline(parts: ModelParts) -> DiffusionPipeline:
-    """The base model family's img2img pipeline on the model's own UNet (the adapter is loaded into it)."""
-    pipe = parts.family.img2img_pipeline(parts, DDIMScheduler.from_config(parts.noise_scheduler.config))
+    """The base model family's img2img pipeline on the model's own denoiser (the adapter is loaded into it)."""
+    family = parts.family
+    pipe = family.img2img_pipeline(parts, family.sampling_scheduler(parts.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def render_negative(pipe: DiffusionPipeline, reference_file: Path, degradation: Degradation,
-                    resolution: int) -> bytes:
+                    resolution: int, options: dict | None = None) -> bytes:
     """One CDNS negative as PNG bytes: SDEdit from the blurred reference under the generic
-    prompt. Everything it depends on is in `degradation` (recorded with the negative)."""
+    prompt. Everything it depends on is in `degradation` (recorded with the negative);
+    `options` are what the family's pipeline needs besides (`Family.img2img_options`).
+    On FLUX `degradation.guidance` is the distilled guidance, as the paper's 3.5."""
     reference = Image.open(reference_file).convert("RGB").resize((resolution,) * 2, Image.Resampling.BICUBIC)
     out = pipe(degradation.generic_prompt, image=degradation.degrade(reference), strength=degradation.strength,
                num_inference_steps=degradation.steps, guidance_scale=degradation.guidance,
-               generator=torch.Generator("cpu").manual_seed(degradation.seed)).images[0]
+               generator=torch.Generator("cpu").manual_seed(degradation.seed), **(options or {})).images[0]
     return encode_png(out)
 
 
@@ -97,7 +100,7 @@ def make_negatives(catalog: Catalog, subject: Subject, config: Config, parts: Mo
             for item in todo:
                 _, image, degradation = item
                 png = render_negative(pipe, catalog.blob_path(image["normalised_file"]), degradation,
-                                      config.train.resolution)
+                                      config.train.resolution, parts.family.img2img_options(config.train.resolution))
                 rows.append(negative_row(catalog, subject, item, png, GENERATOR, sft_adapter["adapter_id"], base,
                                          config.train.resolution, degradation.strength))
         finally:

@@ -1,8 +1,9 @@
 """SFO's batch and loss for the shared loop (METHODS.md section 1).
 
 A positive (a real photo) and its CDNS negative are noised with the same eps and
-logit-normal t; the policy (reference + SFO LoRA) is pushed to denoise the positive better
-than the negative, relative to the frozen reference (the SFT adapter, or the JeDi model).
+logit-normal t (the flow-matching form on FLUX, the DDPM form on SD and SDXL); the policy
+(reference + SFO LoRA) is pushed to denoise the positive better than the negative,
+relative to the frozen reference (the SFT adapter, or the JeDi model).
 The reference is fused into the UNet's weights (`training.adapters.fused`), so the
 reference pass is the UNet with its adapters disabled and the policy pass the UNet with
 the SFO LoRA: no adapter switching, and no reference LoRA computed in either pass.
@@ -17,7 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from ...models.families import Prompt
 from ...training.adapters import adapter_state, load_adapter_state
-from ...training.diffusion import Metrics, unet_eps
+from ...training.diffusion import Metrics, noised, unet_eps
 from .loss import noised_pair, sfo_loss, targets
 
 
@@ -71,7 +72,7 @@ class SfoObjective:
         if self.context_latents is not None:
             known = self.context_latents[index]
             noise = torch.randn(known.shape, generator=generator, device=generator.device).to(known.device)
-            context = self.scheduler.add_noise(known, noise, pair.timesteps).repeat(2, 1, 1, 1)
+            context = noised(self.scheduler, known, noise, pair.timesteps).repeat(2, 1, 1, 1)
         self.unet.disable_adapters()  # the reference: the fused weights alone
         try:
             with torch.no_grad():

@@ -1,0 +1,101 @@
+"""Stable Diffusion 3/3.5: a flow-matching MMDiT over patches of the latent, conditioned on
+two CLIP encoders and T5 (token states joined on the sequence) and both CLIPs' pooled outputs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import Family, Prompt, encoded
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..loading import ModelParts
+
+MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default, so training sees what sampling does
+
+
+class SD3Prompt(Prompt):
+    """CLIP-L and CLIP-G penultimate states side by side, padded to T5's width and followed by
+    T5's states [1 or B, 77 + L, D]; both CLIPs' pooled embeddings side by side [1 or B, P]."""
+
+    def predict(self, denoiser: Any, dtype: torch.dtype, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`t` [B] is the flow-matching time in [0, 1]; SD3's transformer takes it x 1000, as
+        StableDiffusion3Pipeline passes the scheduler's timesteps. It patchifies the latents itself."""
+        return denoiser(hidden_states=noisy.to(dtype), encoder_hidden_states=self._batch(self.states, noisy, dtype),
+                        pooled_projections=self._batch(self.pooled, noisy, dtype),
+                        timestep=(t * 1000).to(noisy.device, dtype), return_dict=False)[0].float()
+
+
+class StableDiffusion3(Family):
+    name = "sd3"
+    label = "Stable Diffusion 3"
+    pipelines = ("StableDiffusion3Pipeline",)
+    denoiser_folder = "transformer"
+    # diffusers' train_dreambooth_lora_sd3.py default: --weighting_scheme logit_normal (0, 1).
+    sft_timesteps = "logit_normal"
+
+    def load_denoiser(self, path: str, **kwargs: Any) -> Any:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel.from_pretrained(path, subfolder=self.denoiser_folder, **kwargs)
+
+    def training_scheduler(self, path: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+
+    def sampling_scheduler(self, training: Any) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(training.config)
+
+    def extra_text_encoders(self, path: str) -> list[tuple[Any, Any]]:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        return [(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+                 CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")),
+                (T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"),
+                 T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3"))]
+
+    def first_text_encoder(self, path: str) -> Any:
+        from transformers import CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder")
+
+    def pipeline_options(self) -> dict[str, Any]:
+        return {}
+
+    def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
+        """As StableDiffusion3Pipeline.encode_prompt (no clip skip)."""
+        import torch
+        import torch.nn.functional as F
+
+        clip_l = encoded(parts.tokenizer, parts.text_encoder, prompt)
+        clip_g = encoded(parts.tokenizer_2, parts.text_encoder_2, prompt)
+        t5 = encoded(parts.tokenizer_3, parts.text_encoder_3, prompt, MAX_SEQUENCE_LENGTH).last_hidden_state
+        clip = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2]], dim=-1)  # [1, 77, D_L + D_G]
+        states = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)  # [1, 77 + L, D_T5]
+        return SD3Prompt(states.float(), torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1).float())
+
+    def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(**self._pipeline_parts(parts, scheduler))
+
+    def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
+        from diffusers import StableDiffusion3Img2ImgPipeline
+
+        return StableDiffusion3Img2ImgPipeline(**self._pipeline_parts(parts, scheduler))
+
+    def img2img_options(self, resolution: int) -> dict[str, Any]:
+        return {"height": resolution, "width": resolution}
+
+    def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
+        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,
+                "text_encoder_3": parts.text_encoder_3, "tokenizer": parts.tokenizer,
+                "tokenizer_2": parts.tokenizer_2, "tokenizer_3": parts.tokenizer_3, "transformer": parts.unet,
+                "scheduler": scheduler}
+
+
+SD3 = StableDiffusion3()
