@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from subjectflow.jointsets import build_jointsets
 from subjectflow.methods import registry
 from subjectflow.methods.base import Context
 from subjectflow.methods.oneactor.math import load_projector
@@ -159,6 +160,20 @@ def test_oneactor_tunes_on_sdxl_with_the_offset_in_both_encoders_states_and_samp
         assert not unconditional.states.any() and not unconditional.pooled.any()
         samples = registry.sample(ctx, "oneactor", "red_mug", "a {subject} on the beach", 1)
     assert samples[0]["prompt"] == "a mug on the beach" and catalog.blob_path(samples[0]["file"]).is_file()
+
+
+def test_jedi_trains_on_sdxl_then_zero_shot_sfo_on_its_own_set_completions_and_samples_by_completion(tmp_path,
+                                                                                                     sdxl_dir):
+    catalog = ingested_catalog(tmp_path, subjects=("red_mug",))
+    config = tiny_config(model={"base": str(sdxl_dir)}, jointsets={"resolution": 32, "sets_per_subject": 2},
+                         joint={"steps": 2}, sfo={"steps": 2}, negatives={"per_photo": 1, "steps": 2})
+    build_jointsets(catalog, config.jointsets, say=lambda _: None)
+    with Context.open(catalog, config, say=lambda line: None) as ctx:
+        rows = registry.ensure(ctx, "jedi-sfo", None)  # the joint model, its CDNS completions, then SFO
+        assert ctx.parts.family is SDXL and rows["jedi"]["steps"] == rows["jedi-sfo"]["steps"] == 2
+        assert catalog.read("negatives").num_rows == len(load_subject(catalog, "red_mug").images)
+        samples = registry.sample(ctx, "jedi", "red_mug", "a {subject} on the beach", 1)
+    assert samples[0]["resolution"] == 32 and catalog.blob_path(samples[0]["file"]).is_file()
 
 
 def test_an_unknown_pipeline_is_refused_when_the_model_opens_naming_the_families_that_run(sdxl_dir, tmp_path):

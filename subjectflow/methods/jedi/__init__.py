@@ -38,6 +38,7 @@ class Jedi(Method):
     summary = "one joint-image model for every subject; personalises by set completion, no per-subject training"
     shared = True
     sections = ("train", "joint", "jointsets")
+    families = ("sd", "sdxl")  # coupled self-attention needs a UNet's; a transformer's is joint already
     table = MODELS
     steps_setting = "joint.steps"
     usage = USAGE.format(method=JEDI)

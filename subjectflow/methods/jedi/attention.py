@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ...models.families import Prompt
+
 if TYPE_CHECKING:  # diffusers only for annotations: callers hand us their own modules
     from diffusers.models.attention_processor import Attention
 
@@ -215,9 +217,9 @@ def complete_set(
     unet: torch.nn.Module,
     scheduler: Any,
     references: torch.Tensor,  # [K, C, h, w] clean reference latents (K may be 0)
-    reference_embeds: torch.Tensor,  # [K, L, D] the references' captions
-    prompt_embeds: torch.Tensor,  # [1, L, D] the new images' prompt
-    null_embeds: torch.Tensor,  # [1, L, D] the empty prompt
+    reference_embeds: Prompt | torch.Tensor,  # batch K: the references' captions
+    prompt_embeds: Prompt | torch.Tensor,  # batch 1: the new images' prompt
+    null_embeds: Prompt | torch.Tensor,  # batch 1: the empty prompt
     n_new: int,
     steps: int,
     image_scale: float,
@@ -250,8 +252,9 @@ def complete_set(
     latents = latents * scheduler.init_noise_sigma
     reference_noise = torch.randn(references.shape, generator=generator,
                                   device=generator.device if generator else "cpu").to(device)
-    new_null, new_text = null_embeds.expand(n_new, -1, -1), prompt_embeds.expand(n_new, -1, -1)
-    sets_text = torch.cat([reference_embeds, new_null, reference_embeds, new_text]).to(device, dtype)
+    references_text = Prompt.of(reference_embeds)
+    new_null, new_text = Prompt.of(null_embeds).expand(n_new), Prompt.of(prompt_embeds).expand(n_new)
+    sets_text = Prompt.cat([references_text, new_null, references_text, new_text]).to(device, dtype)
     null_text = new_null.to(device, dtype)
 
     with coupled(unet, size) as processor:
@@ -266,10 +269,10 @@ def complete_set(
             member_t = torch.cat([known_t.expand(k), t.expand(n_new)]).repeat(2)
 
             processor.set_size = size
-            eps = unet(torch.cat([members, members]).to(dtype), member_t, encoder_hidden_states=sets_text).sample
-            e_image, e_full = eps[k:size].float(), eps[size + k:].float()
+            eps = sets_text.predict(unet, dtype, torch.cat([members, members]), member_t)
+            e_image, e_full = eps[k:size], eps[size + k:]
             processor.set_size = 1
-            e_none = unet(members[k:].to(dtype), t, encoder_hidden_states=null_text).sample.float()
+            e_none = null_text.predict(unet, dtype, members[k:], t)
 
             guided = compositional_guidance(e_none, e_image, e_full, image_scale, text_scale)
             latents = scheduler.step(guided, t, latents).prev_sample

@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from ...catalog import Catalog
@@ -16,12 +15,13 @@ from ...ingest.photo import encode_png
 from ...models.loading import ModelParts
 from ...progress import progress
 from ...training.adapters import load_lora_file
-from ...training.data import decode_image, encode_latents, encode_prompt, image_tensor
+from ...training.data import decode_image, encode_latents, image_tensor
 from ...training.sampling import record_samples, sample_row, subject_prompt
 from ...training.subjects import Subject, TuningError
 from ..sfo.negatives import Planned, missing, negative_row, planned_negatives, record_negatives
 from .attention import complete_set
 from .model import install_joint_model
+from .set_latents import NULL_CAPTION
 
 GENERATOR = "jedi"
 # Not "sfo": diffusers filters its missing-key warnings by substring, and "sfo" is in "transformer".
@@ -51,11 +51,12 @@ def complete(parts: ModelParts, reference_images: list[Image.Image], reference_c
     device = parts.unet.device
     pixels = torch.stack([image_tensor(im, resolution) for im in reference_images])
     references = encode_latents(parts.vae, pixels).to(device)
-    caption = encode_prompt(parts.tokenizer, parts.text_encoder, reference_caption)
+    family = parts.family
+    caption = family.encode(parts, reference_caption, resolution)
     latents = complete_set(
-        parts.unet, DDIMScheduler.from_config(parts.noise_scheduler.config), references,
-        caption.expand(len(reference_images), -1, -1), encode_prompt(parts.tokenizer, parts.text_encoder, prompt),
-        encode_prompt(parts.tokenizer, parts.text_encoder, ""), 1, completion.steps, completion.image_guidance,
+        parts.unet, family.sampling_scheduler(parts.noise_scheduler), references,
+        caption.expand(len(reference_images)), family.encode(parts, prompt, resolution),
+        family.encode(parts, NULL_CAPTION, resolution), 1, completion.steps, completion.image_guidance,
         completion.text_guidance, completion.reference_mode, torch.Generator("cpu").manual_seed(completion.seed))
     return decode_image(parts.vae, latents)
 

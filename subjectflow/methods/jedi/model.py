@@ -20,6 +20,7 @@ from ...catalog.blobstore import BlobStore
 from ...catalog.layout import MODELS_DIR
 from ...catalog.schemas import JOINTSETS, MODELS
 from ...config import Config, stable_hash
+from ...models.families import Prompt
 from ...models.loading import ModelParts, load_components, resolve_device
 from ...training.adapters import adapter_state, add_lora, load_adapter_state, load_lora_file, lora_file_bytes
 from ...training.artefacts import autocast_dtype, find_row, record_trained
@@ -117,7 +118,7 @@ class JointObjective:
     unet: torch.nn.Module  # coupled with set size = members per set
     scheduler: object
     set_latents: torch.Tensor | CachedSetLatents  # [S, N, C, h, w]
-    captions: torch.Tensor  # [U, L, D] each distinct caption's text embedding (and the empty prompt's)
+    captions: Prompt | torch.Tensor  # batch U: each distinct caption, encoded (and the empty prompt)
     set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
     trainable: list[torch.nn.Parameter]
     sets_per_step: int = 1
@@ -130,6 +131,7 @@ class JointObjective:
     _dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
+        self.captions = Prompt.of(self.captions)
         self._dtype = next(self.unet.parameters()).dtype
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -179,7 +181,7 @@ class JointObjective:
         mask = known.view(-1, *([1] * (x0.ndim - 1)))
         noisy = torch.where(mask, x0, self.scheduler.add_noise(x0, noise, t))  # known members exactly clean
         with self._sets_of(x0.shape[0] // b):
-            pred = unet_eps(self.unet, self._dtype, noisy, t, self.captions[caption.flatten()])
+            pred = unet_eps(self.unet, self._dtype, noisy, t, self.captions.at(caption.flatten()))
         scored = (~known).float()
         return denoising_loss(pred, denoising_target(self.scheduler, x0, noise, t), weights=scored * len(scored) / scored.sum())
 
@@ -275,6 +277,8 @@ def _fit(catalog: Catalog, config: Config, parts: ModelParts, base: str, rows: l
                       else save({k: v.contiguous() for k, v in parts.unet.state_dict().items()}))
     finally:
         parts.unet.eval()
+        if cfg.weights == "lora":  # saved above: the next user of the model (jedi-sfo, sampling) loads it anew
+            parts.unet.delete_adapters(JEDI)
         if cfg.weights == "unet" and autocast is not None:
             parts.unet.to(autocast)
     return result, file_bytes

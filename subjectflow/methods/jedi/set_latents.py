@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from ...catalog import Catalog
 from ...config import stable_hash
 from ...jointsets import read_sets
+from ...models.families import Prompt
 from ...models.loading import ModelParts
-from ...training.data import encode_latents, encode_prompt, image_tensor
+from ...training.data import encode_latents, image_tensor
 
 NULL_CAPTION = ""  # the empty prompt: its embedding is the unconditional one
 VAE_BATCH = 8  # member images per VAE call while encoding
@@ -38,17 +39,17 @@ class CachedSetLatents:
 @dataclass
 class EncodedSets:
     latents: CachedSetLatents  # [S, N, C, h, w]
-    captions: torch.Tensor  # [U + 1, L, D] the distinct captions' embeddings, then the empty prompt's
+    captions: Prompt  # batch U + 1: the distinct captions, encoded, then the empty prompt
     set_captions: torch.Tensor  # [S, N] each member's caption, an index into `captions`
 
     @property
     def null_caption(self) -> int:
-        return self.captions.shape[0] - 1
+        return self.captions.states.shape[0] - 1
 
 
-def embed_all(parts: ModelParts, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Each distinct caption's [L, D] text embedding, computed once."""
-    return {c: encode_prompt(parts.tokenizer, parts.text_encoder, c)[0] for c in sorted(set(captions))}
+def embed_all(parts: ModelParts, captions: list[str], resolution: int) -> dict[str, Prompt]:
+    """Each distinct caption encoded (batch 1) by the base model's family, once."""
+    return {c: parts.family.encode(parts, c, resolution) for c in sorted(set(captions))}
 
 
 def latent_cache(catalog: Catalog, base: str, resolution: int) -> Path:
@@ -73,11 +74,11 @@ def encode_sets(catalog: Catalog, parts: ModelParts, rows: list[dict], resolutio
     if pending:
         _encode(parts, pending, files)
 
-    embedded = embed_all(parts, [r["caption"] for r in rows])
+    embedded = embed_all(parts, [r["caption"] for r in rows], resolution)
     position = {caption: i for i, caption in enumerate(embedded)}
-    null = encode_prompt(parts.tokenizer, parts.text_encoder, NULL_CAPTION)[0]
+    null = parts.family.encode(parts, NULL_CAPTION, resolution)
     device = parts.unet.device
-    captions = torch.stack([*embedded.values(), null]).to(device)
+    captions = Prompt.cat([*embedded.values(), null]).to(device)
     set_captions = torch.tensor([[position[r["caption"]] for r in members] for members in by_set.values()], device=device)
     first = load_file(next(iter(files.values())))["latents"]
     latents = CachedSetLatents(list(files.values()), (len(files), *first.shape), device)

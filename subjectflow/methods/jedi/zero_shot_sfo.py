@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from ...catalog import Catalog
 from ...catalog.schemas import MODELS
 from ...config import Config, stable_hash
@@ -90,13 +88,13 @@ def train_sfo_joint(ctx: Context, model: dict, stop_after: int | None = None) ->
     params = sfo_joint_params(config, base, model["model_id"])
     model_id = stable_hash([params, sorted(negative_ids)])
     resolution = config.train.resolution
-    embeds = embed_all(parts, captions)
+    embeds = embed_all(parts, captions, resolution)
     load_lora_file(parts.unet, catalog.blob_path(model["file"]), JEDI)
     with fused(parts.unet, JEDI), trained_adapter(parts.unet, config.sfo.lora_rank, SFO_ADAPTER,
                                                   config.train.seed) as trainable:
         objective = SfoObjective(parts.unet, parts.noise_scheduler, file_latents(parts, catalog, positives, resolution),
                                  file_latents(parts, catalog, negatives, resolution),
-                                 Prompt(torch.stack([embeds[c] for c in captions]).to(parts.unet.device)), trainable,
+                                 Prompt.cat([embeds[c] for c in captions]).to(parts.unet.device), trainable,
                                  config.sfo.beta, config.sfo.batch_size or config.train.batch_size, adapter_name=SFO_ADAPTER,
                                  context_latents=file_latents(parts, catalog, contexts, resolution))
         with coupled(parts.unet, 2):

@@ -53,14 +53,19 @@ class Prompt:
         """The same prompt with other token states (a learned offset on some tokens)."""
         return replace(self, states=states)
 
-    def to(self, dtype: torch.dtype) -> Prompt:
-        return self._map(lambda t: t.to(dtype))
+    def to(self, *args: Any) -> Prompt:
+        """Every tensor moved and/or cast, as `Tensor.to(*args)`."""
+        return self._map(lambda t: t.to(*args))
+
+    def expand(self, n: int) -> Prompt:
+        """A prompt of batch 1 as a batch of `n` (views, no copies)."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
 
     def at(self, index: torch.Tensor) -> Prompt:
         """The prompts of batch rows `index`: a shared prompt (batch 1) broadcast to them, or
         one row per prompt picked."""
         if self.states.shape[0] == 1:
-            return self._map(lambda t: t.expand(len(index), *t.shape[1:]))
+            return self.expand(len(index))
         return self._map(lambda t: t[index.to(t.device)])
 
     def repeat(self, n: int) -> Prompt:
