@@ -5,7 +5,10 @@
 # DETEX and concept-token training against SFT with the concepts' E-step and its dense-CRF
 # refinement per image (bench/tokens.py),
 # all on SD 1.5's UNet architecture at 512 px in bf16 with random weights (nothing is
-# downloaded), then a summary of steps/s, peak GPU memory and TFLOP/s against the peak.
+# downloaded); then SFT and SFO on SDXL's UNet and FLUX.1-dev's 12B transformer at 1024 px
+# (bench/families.py, through tune.py --arch; FLUX with gradient checkpointing, and 8-bit
+# AdamW where bitsandbytes is installed), then a summary of steps/s, peak GPU memory and
+# TFLOP/s against the peak.
 #
 #   bench/gpu.sh             on the GPU
 #   bench/gpu.sh --dry-run   the same script on the CPU at tiny sizes (the test suite runs it)
@@ -20,6 +23,8 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   JOINT=(--sample-steps 2 --train-steps 2 --warmup 1 --rounds 1 --max-refs 1 --memory-sets 4)
   ONEACTOR=(--steps 2 --warmup 1 --rounds 1 --aux-images 2)
   TOKENS=(--steps 2 --warmup 1 --rounds 1 --e-steps 1 --repeats 1)
+  SDXL=(--arch tiny-sdxl --device cpu --steps 1 --warmup 1 --options base)
+  FLUX=(--arch tiny-flux --device cpu --steps 1 --warmup 1 --options ckpt)
 else
   ARCH=(--arch sd15 --device cuda)
   PEAK=(--device cuda)
@@ -27,6 +32,8 @@ else
   JOINT=(--rounds 2 --memory-sets)
   ONEACTOR=(--steps 10 --rounds 2)
   TOKENS=(--steps 10 --rounds 2)
+  SDXL=(--arch sdxl --device cuda --steps 5 --warmup 2 --options base ckpt 8bit)
+  FLUX=(--arch flux --device cuda --steps 3 --warmup 2 --options ckpt 8bit)
 fi
 set -x
 "$PY" bench/peak.py measure "${PEAK[@]}" --out "$OUT"
@@ -34,5 +41,7 @@ set -x
 "$PY" bench/joint.py "${ARCH[@]}" "${JOINT[@]}" --out "$OUT/joint"
 "$PY" bench/oneactor.py "${ARCH[@]}" "${ONEACTOR[@]}" --out "$OUT/oneactor"
 "$PY" bench/tokens.py "${ARCH[@]}" "${TOKENS[@]}" --out "$OUT/tokens"
+"$PY" bench/tune.py "${SDXL[@]}" --out "$OUT/sdxl"
+"$PY" bench/tune.py "${FLUX[@]}" --out "$OUT/flux"
 set +x
 "$PY" bench/peak.py summary "$OUT"

@@ -34,6 +34,7 @@ FlopCounterMode, times steps/s (on CPU with the math SDPA backend, which it can 
 
 Run: .venv/bin/python bench/tune.py                   (tiny UNet, CPU, fp32)
      python bench/tune.py --arch sd15 --device cuda   (SD 1.5 UNet, 512 px, bf16)
+     python bench/tune.py --arch flux --device cuda   (SDXL, SD3, FLUX and their tiny-*: bench/families.py)
 Writes OUT/results.json.
 """
 
@@ -74,6 +75,7 @@ ROWS = ("bare SFT", "pipeline SFT", "switching SFO", "bare SFO", "pipeline SFO")
 FUSED_ROWS = ("bare SFO", "pipeline SFO")  # run with the SFT LoRA fused into the base
 LR, BETA, PHOTOS = 1e-4, 1000.0, 4
 QUIET = 0.2  # CPU cores other processes may use during a row before its timing counts as under load
+FAMILY_ARCHS = ("tiny-sdxl", "tiny-sd3", "tiny-flux", "sdxl", "sd3", "flux")  # run by bench/families.py
 
 
 @dataclass
@@ -101,9 +103,9 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-def model_arguments(p: argparse.ArgumentParser) -> None:
+def model_arguments(p: argparse.ArgumentParser, archs: tuple[str, ...] = ("tiny", "sd15")) -> None:
     """--arch/--device/--precision/--resolution, as every model bench takes them."""
-    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny", help="UNet (default tiny)")
+    p.add_argument("--arch", choices=archs, default="tiny", help="model (default tiny)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 on cpu, bf16 on cuda")
     p.add_argument("--resolution", type=int, help="pixels (default 64 tiny, 512 sd15)")
@@ -111,7 +113,8 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_model_arguments(args: argparse.Namespace) -> None:
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    args.resolution = args.resolution or {"tiny": 64, "sd15": 512}.get(
+        args.arch, 32 if args.arch.startswith("tiny-") else 1024)  # bench/families.py's: its tiny ones, or 1024
 
 
 def build_unet(args: argparse.Namespace) -> tuple[UNet2DConditionModel, DDPMScheduler, torch.device, torch.dtype, int]:
@@ -228,19 +231,22 @@ def time_pipeline(b: Bench, method: str, work: Path) -> tuple[float, float]:
 
 # -- measurement -----------------------------------------------------------------------
 
-def memory_start(b: Bench) -> float:
+def memory_start(device: torch.device) -> float:
     """Reset the peak and return the current figure, in bytes."""
-    b.sync()
-    if b.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(b.device)
-        return torch.cuda.memory_allocated(b.device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
     with contextlib.suppress(OSError):  # Linux: "5" resets this process's VmHWM
         Path("/proc/self/clear_refs").write_text("5")
     return _proc_status("VmRSS")
 
 
-def memory_peak(b: Bench) -> float:
-    return torch.cuda.max_memory_allocated(b.device) if b.device.type == "cuda" else _proc_status("VmHWM")
+def memory_peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status("VmHWM")
 
 
 def _proc_status(field: str) -> float:
@@ -292,12 +298,12 @@ def prepare(b: Bench, row: str) -> list[torch.nn.Parameter]:
 def run_row(b: Bench, row: str, work: Path) -> dict:
     with reference_fused(b, row):
         params = prepare(b, row)
-        base, t0, cpu0 = memory_start(b), time.perf_counter(), cpu_seconds()
+        base, t0, cpu0 = memory_start(b.device), time.perf_counter(), cpu_seconds()
         if row in BARE:
             rate, checkpoint = time_bare(b, BARE[row], params), None
         else:
             rate, checkpoint = time_pipeline(b, row.split()[1], work)
-        peak = memory_peak(b)
+        peak = memory_peak(b.device)
     return {"steps_per_s": rate, "peak_mib": peak / 2**20, "above_start_mib": (peak - base) / 2**20,
             "final_checkpoint_s": checkpoint, "other_cores": other_cores(cpu0, time.perf_counter() - t0)}
 
@@ -370,17 +376,19 @@ def report(b: Bench, best: dict[str, dict], flops: dict[str, int]) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    model_arguments(p)
+    model_arguments(p, ("tiny", "sd15", *FAMILY_ARCHS))
     p.add_argument("--steps", type=int, help="timed steps per row and round (default 30 tiny, 20 sd15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3, >= 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each row keeps its best (default 3)")
     p.add_argument("--batch-size", type=int, default=1, help="photos (SFO: pairs) per step (default 1)")
     p.add_argument("--rank-sft", type=int, default=TrainConfig().lora_rank, help="SFT LoRA rank (default 4)")
     p.add_argument("--rank-sfo", type=int, default=SfoConfig().lora_rank, help="SFO LoRA rank (default 16)")
+    p.add_argument("--options", nargs="+", choices=("base", "ckpt", "8bit"), default=["base", "ckpt"],
+                   help="memory options, one row pair each, for the family archs (bench/families.py)")
     p.add_argument("--out", type=Path, default=Path("bench/out/tune"), help="scratch and results.json")
     args = p.parse_args()
     resolve_model_arguments(args)
-    args.steps = args.steps or (30 if args.arch == "tiny" else 20)
+    args.steps = args.steps or (30 if args.arch == "tiny" else 5 if args.arch.startswith("tiny-") else 20)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1 or args.batch_size > PHOTOS:
         p.error(f"need --warmup >= 1, --steps >= 1, --rounds >= 1 and --batch-size <= {PHOTOS}")
     return args
@@ -388,6 +396,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.arch in FAMILY_ARCHS:  # SDXL, SD3, FLUX: the project's objectives, without the bare SD rows
+        import families
+
+        families.run(args)
+        return
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     b = build(args)
     name = (torch.cuda.get_device_name(b.device) if b.device.type == "cuda"

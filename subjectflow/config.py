@@ -112,8 +112,9 @@ class TrainConfig(_Section):
     gradient_accumulation: int = Field(1, ge=1)
     resolution: Resolution = AUTO
     learning_rate: float = Field(1e-4, gt=0)
-    # "prodigy" (the SFO paper's) estimates the step size; every learning rate is then a multiplier, 1.0
-    optimizer: Literal["adamw", "sgd", "prodigy"] = "adamw"
+    # "prodigy" (the SFO paper's) estimates the step size; every learning rate is then a multiplier, 1.0.
+    # "adamw8bit" keeps AdamW's moments in 8 bits (bitsandbytes, CUDA only): for SDXL/SD3/FLUX on one GPU.
+    optimizer: Literal["adamw", "sgd", "prodigy", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
     lora_rank: int = Field(4, ge=1)
     max_grad_norm: float = added(1.0, neutral=0.0, ge=0)  # clip the gradients' norm to this; 0 = off

@@ -84,7 +84,8 @@ def test_tiny_flux_encodes_with_t5_and_clip_and_its_transformer_denoises_packed_
     # CLIP's pooled embedding reaches the transformer, not only T5's states.
     t = torch.tensor([0.5, 0.5])
     other = type(prompt)(prompt.states, torch.zeros_like(prompt.pooled))
-    assert not torch.equal(unet_eps(parts.unet, torch.float32, x0, t, other), unet_eps(parts.unet, torch.float32, x0, t, prompt))
+    eps = unet_eps(parts.unet, torch.float32, x0, t, prompt)
+    assert not torch.equal(unet_eps(parts.unet, torch.float32, x0, t, other), eps)
 
 
 def test_tiny_sd3_joins_its_three_encoders_on_the_sequence_and_its_transformer_takes_t_times_1000(sd3_dir):

@@ -7,8 +7,10 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from subjectflow.catalog.layout import MODELS_DIR
+from subjectflow.config import TrainConfig
 from subjectflow.methods.sft import train_sft
-from subjectflow.training.subjects import load_subject
+from subjectflow.training.loop import make_optimizer
+from subjectflow.training.subjects import TuningError, load_subject
 from tests.training.conftest import context, ingested_catalog, tiny_config
 
 
@@ -70,6 +72,12 @@ def test_every_training_option_runs_a_step(tmp_path, option):
     assert row["steps"] == 1 and np.isfinite(row["final_loss"])
     metrics = {r["metric"] for r in catalog.read("train_log").to_pylist()}
     assert ("prior_loss" in metrics) == bool(option.get("sft", {}).get("prior_preservation"))
+
+
+def test_8bit_adamw_is_refused_off_a_gpu_with_the_setting_to_use_instead():
+    config = TrainConfig(optimizer="adamw8bit")
+    with pytest.raises(TuningError, match=r"adamw8bit runs on CUDA GPUs only .* use --set train.optimizer=adamw"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], config, 1e-4)
 
 
 class Quadratic:
