@@ -72,7 +72,7 @@ from subjectflow.models.loading import ModelParts
 from subjectflow.models.tiny import MAX_LENGTH, build_pipeline, build_tokenizer, write_tokenizer_files
 from subjectflow.training.adapters import add_lora, freeze_all_but
 from subjectflow.training.subjects import load_subject
-from subjectflow.training.tokens import KV_TARGETS, MAP_DOWNSCALE, added_tokens, cross_attention
+from subjectflow.training.tokens import KV_TARGETS, MAP_DOWNSCALE, cross_attention, family_tokens
 from tune import build_unet
 
 PHOTOS = 4
@@ -190,8 +190,8 @@ def main() -> None:
         kv = add_lora(unet, args.rank, "detex", seed=0, targets=KV_TARGETS)
         mappers = torch.nn.ModuleDict({name: AttributeMapper(features, DetexConfig().mapper_hidden, width, 0.02)
                                        for name in ("pose", "background")}).to(device)
-        tokens = stack.enter_context(added_tokens(tokenizer, encoder, {"<bench>": "mug"}, ATTRIBUTES))
-        detex = DetexObjective(unet, scheduler, encoder, tokens, training_prompt("<bench>", "mug"), photos, masks,
+        tokens = stack.enter_context(family_tokens(parts, {"<bench>": "mug"}, args.resolution, ATTRIBUTES))
+        detex = DetexObjective(unet, scheduler, tokens, training_prompt("<bench>", "mug"), photos, masks,
                                pose, background, mappers, kv, DetexConfig().kv_learning_rate)
         # Both token sets are in place at once: each row hands the text encoder its own rows.
         for r in range(args.rounds):
@@ -199,14 +199,14 @@ def main() -> None:
                 if name == "Concepts":
                     unet.disable_adapters()  # the method's default: tokens only, the plain UNet
                     freeze_all_but(unet, None)
-                    encoder.set_input_embeddings(em.concepts.embedding)
+                    em.concepts.install()
                     rows[name].append(time_training(name, em, args, device, autocast, args.out / "work"))
                     continue
                 unet.enable_adapters()
                 unet.set_adapters([name.lower()])
                 freeze_all_but(unet, name.lower())
                 if name == "DETEX":
-                    encoder.set_input_embeddings(tokens.embedding)
+                    tokens.install()
                     with cross_attention(unet):
                         rows[name].append(time_training(name, detex, args, device, autocast, args.out / "work"))
                 else:
@@ -215,7 +215,7 @@ def main() -> None:
 
         unet.disable_adapters()
         freeze_all_but(unet, None)
-        encoder.set_input_embeddings(em.concepts.embedding)
+        em.concepts.install()
         em.e_step_seconds.clear()
         em.refine_seconds.clear()
         for _ in range(1 + args.e_steps):  # the first warms the recorder's kernels up, untimed

@@ -221,6 +221,9 @@ class ModelParts:
     def text_encoders(self) -> list[CLIPTextModel]:
         return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
+
 
 def load_components(model: str, models_dir: Path, device: torch.device, dtype: torch.dtype, *,
                     allow_download: bool = False) -> ModelParts:

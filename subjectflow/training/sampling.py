@@ -15,6 +15,7 @@ from ..catalog.schemas import SAMPLES
 from ..catalog.store import utcnow
 from ..config import Config
 from ..ingest.photo import encode_png
+from ..models.families import Prompt
 from ..models.loading import ModelParts
 from ..progress import progress
 from .adapters import load_lora_file
@@ -49,10 +50,10 @@ def record_samples(catalog: Catalog, rows: list[dict]) -> list[dict]:
 
 def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, base: str, text: str, n: int,
                         subject: Subject | None, loras: list[tuple[str, Path]], method: str,
-                        adapter_id: str | None, embeds: torch.Tensor | None = None,
+                        adapter_id: str | None, embeds: Prompt | torch.Tensor | None = None,
                         params: str | None = None, model_id: str | None = None) -> list[dict]:
     """n images of `text` by plain CFG with the `loras` (name, file) stacked in order;
-    `embeds` [1, L, D], when given, are `text` as the method embeds it (learned tokens)."""
+    `embeds` (batch 1), when given, are `text` as the method embeds it (learned tokens)."""
     cfg = config.generate
     pipe = sampling_pipeline(parts)
     names = [name for name, _ in loras]
@@ -60,7 +61,8 @@ def generate_with_loras(catalog: Catalog, config: Config, parts: ModelParts, bas
         load_lora_file(parts.unet, path, name)
     if names:
         pipe.set_adapters(names)
-    prompt = {"prompt": text} if embeds is None else {"prompt_embeds": embeds.to(parts.unet.dtype)}
+    prompt = ({"prompt": text} if embeds is None
+              else parts.family.pipeline_prompt(Prompt.of(embeds).to(parts.unet.dtype)))
     rows = []
     try:
         with progress(n, f"generate {method}", unit="image") as shown:

@@ -24,8 +24,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save
 
+from ..models.families import Family, Prompt
+
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
+
+    from ..models.loading import ModelParts
 
 # Cross-attention projections only, the layers Custom Diffusion trains (as a peft regex).
 KV_TARGETS = r".*attn2\.(to_k|to_v)"
@@ -118,10 +122,11 @@ def added_tokens(tokenizer, text_encoder, tokens: dict[str, str],
 
 
 def embed_prompts(concepts: ConceptTokens, text_encoder, prompts: list[str],
-                  injected: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """[B, L, D] text embeddings of `prompts`, with gradients to the new rows. `injected`
-    maps a new token to [B, D] input vectors that replace its row wherever it occurs in
-    prompt b (DETEX's per-photo pose and background, made by its mappers)."""
+                  injected: dict[str, torch.Tensor] | None = None, full: bool = False) -> Any:
+    """[B, L, D] text embeddings of `prompts`, with gradients to the new rows (`full`: the
+    encoder's whole output, every hidden state). `injected` maps a new token to [B, D]
+    input vectors that replace its row wherever it occurs in prompt b (DETEX's per-photo
+    pose and background, made by its mappers)."""
     ids = concepts.tokenizer(prompts, padding="max_length", max_length=concepts.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
 
@@ -133,18 +138,95 @@ def embed_prompts(concepts: ConceptTokens, text_encoder, prompts: list[str],
 
     hook = concepts.embedding.register_forward_hook(inject) if injected else None
     try:
-        return text_encoder(ids)[0].float()
+        return text_encoder(ids, output_hidden_states=True) if full else text_encoder(ids)[0].float()
     finally:
         if hook:
             hook.remove()
 
 
-def textual_inversion_files(vectors: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    """One diffusers textual-inversion file per token of `vectors` (token -> [D], as
-    `ConceptTokens.vectors()` gives them), each {token: [D]} as `textual_inversion.py` saves
-    `learned_embeds.safetensors`; `pipe.load_textual_inversion(path)` reads each."""
-    return {f"learned_embeds-{i}.safetensors": save({token: vector.contiguous()})
-            for i, (token, vector) in enumerate(vectors.items())}
+@dataclass
+class PromptTokens:
+    """The same new tokens in each of the base model's CLIP text encoders (SD: one; SDXL:
+    both, as diffusers' textual_inversion_sdxl.py trains them), and prompts encoded with them
+    as the family encodes prompts. A token's vector is its rows side by side ([D1 + D2])."""
+
+    encoders: list[ConceptTokens]  # per text encoder, in the family's order
+    text_encoders: list[torch.nn.Module]
+    family: Family
+    resolution: int  # SDXL's size conditioning
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self.encoders[0].tokens
+
+    @property
+    def ids(self) -> tuple[int, ...]:  # the same positions in every encoder's tokenizer (one BPE vocabulary)
+        return self.encoders[0].ids
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.encoders[0].tokenizer
+
+    @property
+    def widths(self) -> list[int]:
+        return [e.embedding.embedding_dim for e in self.encoders]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for e in self.encoders for p in e.parameters()]
+
+    def restore_frozen_rows(self) -> None:
+        for e in self.encoders:
+            e.restore_frozen_rows()
+
+    def install(self) -> None:
+        """Hand each text encoder these tokens' embedding (where another token set was in place)."""
+        for e, encoder in zip(self.encoders, self.text_encoders):
+            encoder.set_input_embeddings(e.embedding)
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        per_encoder = [e.vectors() for e in self.encoders]
+        return {token: torch.cat([v[token] for v in per_encoder]) for token in per_encoder[0]}
+
+    def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
+        for e, part in zip(self.encoders, split_vectors(vectors, self.widths)):
+            e.load_vectors(part)
+
+    def embed(self, prompts: list[str], injected: dict[str, torch.Tensor] | None = None) -> Prompt:
+        """`prompts` encoded by the family, with gradients to the new rows; `injected` maps a
+        placeholder to [B, D1 + D2] input vectors, each encoder taking its own columns."""
+        outputs = [embed_prompts(e, encoder, prompts, part, full=True) for e, encoder, part in
+                   zip(self.encoders, self.text_encoders, split_vectors(injected or {}, self.widths))]
+        return self.family.combine(outputs, self.resolution)
+
+
+def split_vectors(vectors: dict[str, torch.Tensor], widths: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Token vectors [..., D1 + D2] as one dict per encoder (its columns)."""
+    parts = {token: vector.split(widths, dim=-1) for token, vector in vectors.items()}
+    return [{token: chunks[i] for token, chunks in parts.items()} for i in range(len(widths))]
+
+
+@contextlib.contextmanager
+def family_tokens(parts: ModelParts, tokens: dict[str, str], resolution: int,
+                  placeholders: dict[str, str] | None = None) -> Iterator[PromptTokens]:
+    """`added_tokens` in each of the family's CLIP text encoders for the block."""
+    with contextlib.ExitStack() as stack:
+        pairs = list(zip(parts.tokenizers(), parts.text_encoders()))
+        encoders = [stack.enter_context(added_tokens(tokenizer, encoder, tokens, placeholders))
+                    for tokenizer, encoder in pairs]
+        yield PromptTokens(encoders, [encoder for _, encoder in pairs], parts.family, resolution)
+
+
+def textual_inversion_files(vectors: dict[str, torch.Tensor], widths: list[int] | None = None) -> dict[str, bytes]:
+    """Diffusers textual-inversion files for `vectors` (token -> [D], or [D1 + D2] for SDXL's
+    two encoders, as `PromptTokens.vectors()` gives them), each {token: [D]} as
+    `textual_inversion.py` saves `learned_embeds.safetensors`; `pipe.load_textual_inversion(path)`
+    reads each. SDXL's second encoder's rows go in a `_2` file beside, as
+    `textual_inversion_sdxl.py` saves them, for `text_encoder_2` / `tokenizer_2`."""
+    files = {}
+    for i, (token, vector) in enumerate(vectors.items()):
+        for j, part in enumerate(vector.split(widths or [vector.shape[-1]], dim=-1)):
+            files[f"learned_embeds-{i}{'_2' if j else ''}.safetensors"] = save({token: part.contiguous()})
+    return files
 
 
 # -- the masked loss ------------------------------------------------------------------------

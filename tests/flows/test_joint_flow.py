@@ -103,7 +103,7 @@ def test_joint_training_keeps_one_text_embedding_per_distinct_caption(tmp_path):
     parts, _ = open_model(catalog, config)
     rows = current_sets(catalog, config)
     encoded = encode_sets(catalog, parts, rows, 32, "tiny")
-    latents, captions, set_captions = encoded.latents, encoded.captions, encoded.set_captions
+    latents, captions, set_captions = encoded.latents, encoded.captions.states, encoded.set_captions
 
     sets = sorted(read_sets(catalog, sorted({r["shard"] for r in rows})), key=lambda s: s.set_id)
     assert latents.shape[:2] == set_captions.shape == (len(sets), config.jointsets.set_size)

@@ -65,8 +65,8 @@ def test_only_the_new_token_rows_and_kv_lora_receive_gradients_and_other_rows_st
     concepts = resolve(catalog, [parse_source(s) for s in _sources(catalog)])
     unet_before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
     with concept_objective(ctx, concepts) as objective:
-        tokens = objective.concepts
-        before = tokens.embedding.weight.detach().clone()
+        tokens, (rows,) = objective.concepts, objective.concepts.encoders  # SD: one text encoder's rows
+        before = rows.embedding.weight.detach().clone()
         optimiser = torch.optim.AdamW([g for g in objective.parameter_groups(1e-2)], weight_decay=0.1)
         for step in range(3):
             objective.loss(step_generator(0, step, 0))[0].backward()
@@ -74,13 +74,13 @@ def test_only_the_new_token_rows_and_kv_lora_receive_gradients_and_other_rows_st
                        if p.grad is not None}
             assert touched == {id(p) for p in objective.parameters()}
             assert {id(p) for p in objective.parameters()} - {id(p) for p in objective.kv} == {
-                id(tokens.embedding.weight)}
+                id(rows.embedding.weight)}
             assert bool(objective.kv) == kv and all(name.endswith(("to_k", "to_v")) for name, m in
                                                      parts.unet.named_modules() if hasattr(m, "lora_A"))
             optimiser.step()
             optimiser.zero_grad()
             objective.after_step()
-        moved = torch.nonzero((tokens.embedding.weight.detach() != before).any(dim=1)).flatten().tolist()
+        moved = torch.nonzero((rows.embedding.weight.detach() != before).any(dim=1)).flatten().tolist()
         assert moved == sorted(tokens.ids)
     # the model is given back: no LoRA, the UNet's weights and flags as they were (peft keeps
     # its empty wrapper around a layer once adapted: `base_layer` in the names)

@@ -59,7 +59,7 @@ def test_only_the_token_row_kv_lora_and_mappers_receive_gradients(tiny):
 def test_training_leaves_every_other_embedding_row_as_loaded(tiny):
     catalog, _, ctx = tiny
     with detex_objective(ctx, load_subject(catalog, "red_mug")) as objective:
-        concepts = objective.concepts
+        (concepts,) = objective.concepts.encoders  # SD: one text encoder's rows
         before = concepts.embedding.weight.detach().clone()
         optimiser = torch.optim.AdamW([g for g in objective.parameter_groups(1e-2)], weight_decay=0.1)
         for step in range(2):

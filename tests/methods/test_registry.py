@@ -64,4 +64,4 @@ def test_methods_describes_needs_scope_and_settings():
     # The families each method runs on (the others are refused before a model loads).
     sfo, detex = (text[text.index(f"\n{name} "):].split("\n")[3] for name in ("sfo", "detex"))
     assert " ".join(sfo.split()) == "base models: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3, FLUX.1"
-    assert " ".join(detex.split()) == "base models: Stable Diffusion 1.x/2.x"
+    assert " ".join(detex.split()) == "base models: Stable Diffusion 1.x/2.x, SDXL"

@@ -4,14 +4,17 @@ families subjectflow does not run are refused with the reason before anything lo
 import json
 import shutil
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from subjectflow.jointsets import build_jointsets
 from subjectflow.methods import registry
 from subjectflow.methods.base import Context
+from subjectflow.methods.concepts.model import ConceptWeights
 from subjectflow.methods.oneactor.math import load_projector
 from subjectflow.models import (TINY_FLUX, TINY_SD3, TINY_SDXL, ModelNotAvailable, build_tiny, load_components,
                                 load_pipeline, native_resolution, resolve_model_path)
@@ -123,10 +126,13 @@ def test_sfo_trains_on_its_negatives_and_samples_and_methods_not_written_for_the
                          sfo={"steps": 2}, negatives={"per_photo": 1, "steps": 2})
     with Context.open(catalog, config, say=lambda line: None) as ctx:
         subject = load_subject(catalog, "red_mug")
-        # Refused from the settings alone: the model is not loaded for it.
-        with pytest.raises(TuningError, match=rf"detex does not run on {family.label} base models .* it runs "
-                                              r"on Stable Diffusion 1.x/2.x: pick such a base model"):
-            registry.artefact_ids(ctx, "detex", subject)
+        # Refused from the settings alone (the model is not loaded for them): the UNet methods on transformers.
+        refused = [m for m in ("jedi", "oneactor", "detex") if family.name not in registry.get(m).families]
+        assert refused == ([] if family is SDXL else ["jedi", "oneactor", "detex"])
+        for method in refused:
+            with pytest.raises(TuningError, match=rf"{method} does not run on {family.label} base models .* it "
+                                                  r"runs on Stable Diffusion 1.x/2.x, SDXL: pick such a base model"):
+                registry.artefact_ids(ctx, method, subject)
         assert ctx._parts is None
 
         rows = registry.ensure(ctx, "sfo", subject)  # SFT, then its img2img negatives, then SFO
@@ -175,6 +181,52 @@ def test_jedi_trains_on_sdxl_then_zero_shot_sfo_on_its_own_set_completions_and_s
         assert catalog.read("negatives").num_rows == len(load_subject(catalog, "red_mug").images)
         samples = registry.sample(ctx, "jedi", "red_mug", "a {subject} on the beach", 1)
     assert samples[0]["resolution"] == 32 and catalog.blob_path(samples[0]["file"]).is_file()
+
+
+def test_detex_puts_its_token_into_both_sdxl_encoders_and_its_export_reproduces_a_sample_in_stock_diffusers(
+        tmp_path, sdxl_dir):
+    catalog = ingested_catalog(tmp_path, subjects=("red_mug",))
+    config = tiny_config(model={"base": str(sdxl_dir)},
+                         detex={"steps": 2, "mapper_hidden": 16, "learning_rate": 1e-2, "kv_learning_rate": 1e-2})
+    with Context.open(catalog, config, say=lambda line: None) as ctx:
+        registry.tune(ctx, "detex", "red_mug")
+        ours = registry.sample(ctx, "detex", "red_mug", "a {subject} on the beach", 1)[0]
+        out = tmp_path / "export"
+        files = {p.name for p in registry.export(ctx, "detex", "red_mug", out)}
+    assert {"learned_embeds.safetensors", "learned_embeds_2.safetensors"} <= files
+    token = next(iter(safetensors.torch.load_file(out / "learned_embeds_2.safetensors")))
+    # Each encoder's own rows: CLIP-L's (32 wide here) and CLIP-G's.
+    assert [safetensors.torch.load_file(out / name)[token].shape for name in
+            ("learned_embeds.safetensors", "learned_embeds_2.safetensors")] == [(32,), (32,)]
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    pipe.load_textual_inversion(str(out / "learned_embeds_2.safetensors"), token=token,
+                                text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    cfg = config.generate
+    theirs = pipe(ours["prompt"], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=cfg.resolution,
+                  width=cfg.resolution, generator=torch.Generator("cpu").manual_seed(ours["seed"])).images[0]
+    difference = np.abs(np.asarray(theirs, dtype=int) - np.asarray(Image.open(catalog.blob_path(ours["file"])),
+                                                                     dtype=int))
+    assert difference.max() <= 1
+
+
+def test_concept_tokens_learn_on_sdxl_in_both_encoders_and_sample(tmp_path, sdxl_dir):
+    catalog = ingested_catalog(tmp_path, per_subject=2)
+    config = tiny_config(model={"base": str(sdxl_dir)},
+                         concepts={"steps": 2, "e_step_every": 1, "learning_rate": 1e-2, "refine": "otsu"})
+    box = load_subject(catalog, "blue_box").images[0]["image_id"]
+    with Context.open(catalog, config, say=lambda line: None) as ctx:
+        registry.learn(ctx, "scene", ["subject:red_mug", f"image:{box[:10]}:background=beach"])
+        row = next(r for r in catalog.read("models").to_pylist() if r["method"] == "concepts")
+        vectors = ConceptWeights.read(catalog.blob_path(row["file"])).vectors
+        assert {tuple(v.shape) for v in vectors.values()} == {(32 + 32,)}  # both encoders' rows side by side
+        sample = registry.sample(ctx, "concepts", None, f"a photo of {next(iter(vectors))} on the beach", 1)[0]
+        files = {p.name for p in registry.export_set(ctx, "scene", tmp_path / "export")}
+    assert catalog.blob_path(sample["file"]).is_file() and "learned_embeds-0_2.safetensors" in files
 
 
 def test_an_unknown_pipeline_is_refused_when_the_model_opens_naming_the_families_that_run(sdxl_dir, tmp_path):

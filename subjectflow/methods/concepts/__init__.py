@@ -33,7 +33,7 @@ from ...training.data import encode_latents, load_images, load_masks
 from ...training.loop import train
 from ...training.sampling import generate_with_loras
 from ...training.subjects import TuningError
-from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts, textual_inversion_files
+from ...training.tokens import KV_TARGETS, cross_attention, family_tokens, textual_inversion_files
 from .. import SETS_COMMAND
 from ..base import Artefacts, Context, Method
 from .em import iou, refiner
@@ -94,11 +94,11 @@ def concept_objective(ctx: Context, concepts: list[Concept]) -> Iterator[Concept
     latents = encode_latents(parts.vae, pixels).to(device)
     prepare_unet(parts, config.train)
     with (frozen(parts.unet),  # before the LoRA, which alone then trains in it
-          added_tokens(parts.tokenizer, parts.text_encoder, {c.token: c.initialiser for c in concepts}) as tokens,
+          family_tokens(parts, {c.token: c.initialiser for c in concepts}, resolution) as tokens,
           trained_adapter(parts.unet, cc.kv_rank, NAME, config.train.seed, KV_TARGETS) if cc.kv
           else contextlib.nullcontext([]) as kv_params,
           cross_attention(parts.unet) if cc.kv else contextlib.nullcontext()):
-        objective = ConceptObjective(parts.unet, parts.noise_scheduler, parts.text_encoder, tokens, latents, photos,
+        objective = ConceptObjective(parts.unet, parts.noise_scheduler, tokens, latents, photos,
                                      present, references.to(device), references.to(device).clone(), kv_params,
                                      cc.kv_learning_rate, config.train.batch_size, cc.mask_loss, cc.e_step_every,
                                      cc.e_step_timesteps, refiner(cc.refine), config.train.seed, NAME)
@@ -226,9 +226,9 @@ def sample_concepts(ctx: Context, row: dict, prompt: str, n: int) -> list[dict]:
     parts = ctx.parts
     path = ctx.catalog.blob_path(row["file"])
     weights = ConceptWeights.read(path)
-    with added_tokens(parts.tokenizer, parts.text_encoder, weights.initialisers) as tokens:
+    with family_tokens(parts, weights.initialisers, ctx.config.generate.resolution) as tokens:
         tokens.load_vectors(weights.vectors)
-        embeds = embed_prompts(tokens, parts.text_encoder, [prompt])
+        embeds = tokens.embed([prompt])
     loras = [(NAME, path)] if weights.has_lora else []
     recorded = json.dumps({"concept_set": json.loads(row["params"])["set"]})
     return generate_with_loras(ctx.catalog, ctx.config, parts, ctx.base, prompt, n, None, loras, NAME, None, embeds,
@@ -238,7 +238,7 @@ def sample_concepts(ctx: Context, row: dict, prompt: str, n: int) -> list[dict]:
 def export_files(weights: ConceptWeights, out: Path) -> list[Path]:
     """What a plain diffusers user loads: one textual-inversion file per token, the LoRA."""
     files = []
-    for name, data in textual_inversion_files(weights.vectors).items():
+    for name, data in textual_inversion_files(weights.vectors, weights.widths).items():
         files.append(out / name)
         files[-1].write_bytes(data)
     if weights.has_lora:
@@ -253,6 +253,7 @@ class Concepts(Method):
     shared = True
     table = MODELS
     sections = ("train", "concepts")
+    families = ("sd", "sdxl")  # the tokens go into every CLIP text encoder
     steps_setting = "concepts.steps"
     named_sets = True
 
@@ -305,7 +306,15 @@ class Concepts(Method):
 
 def _readme(base: str, weights: ConceptWeights, name: str) -> str:
     tokens = list(weights.vectors)
-    loads = "\n".join(f'pipe.load_textual_inversion("./learned_embeds-{i}.safetensors")' for i in range(len(tokens)))
+    xl = weights.widths is not None and len(weights.widths) > 1
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    calls = []
+    for i, token in enumerate(tokens):
+        calls.append(f'pipe.load_textual_inversion("./learned_embeds-{i}.safetensors")')
+        if xl:  # SDXL's second text encoder takes its own rows
+            calls.append(f'pipe.load_textual_inversion("./learned_embeds-{i}_2.safetensors", token="{token}", '
+                         'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)')
+    loads = "\n".join(calls)
     lora = f'pipe.load_lora_weights(".", weight_name="{WEIGHT_NAME}")\n' if weights.has_lora else ""
     return f"""# Concept set {name}: {', '.join(tokens)}
 
@@ -313,9 +322,9 @@ Base model: `{base}`. Learned by subjectflow's `{NAME}` method (tokens and masks
 stock diffusers calls load it:
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("<the base model>")
+pipe = {pipeline}.from_pretrained("<the base model>")
 {lora}{loads}
 image = pipe("{composed_prompt(tokens[:2])}").images[0]
 ```

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...models.families import Prompt
 from ...training.subjects import TuningError
 from ...training.tokens import AttentionMaps, cross_attention
 
@@ -44,10 +45,10 @@ def refiner(choice: str) -> Refiner:
 
 
 @torch.no_grad()
-def token_maps(unet, scheduler, latent: torch.Tensor, embeds: torch.Tensor, positions: list[int],
+def token_maps(unet, scheduler, latent: torch.Tensor, embeds: Prompt | torch.Tensor, positions: list[int],
                timesteps: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """[k, h', w'] in [0, 1]: the attention map of the tokens at `positions` of one photo's
-    prompt, `latent` [1, C, h, w] noised to each of `timesteps`, `embeds` [1, L, D]."""
+    prompt, `latent` [1, C, h, w] noised to each of `timesteps`, `embeds` its encoding (batch 1)."""
     steps = torch.tensor([min(t, scheduler.config.num_train_timesteps - 1) for t in timesteps],
                          device=latent.device)
     x0 = latent.expand(len(steps), -1, -1, -1)
@@ -55,8 +56,7 @@ def token_maps(unet, scheduler, latent: torch.Tensor, embeds: torch.Tensor, posi
     recorder = AttentionMaps()
     dtype = unet.dtype
     with cross_attention(unet, recorder=recorder):
-        unet(scheduler.add_noise(x0, noise, steps).to(dtype), steps,
-             encoder_hidden_states=embeds.expand(len(steps), -1, -1).to(dtype))
+        Prompt.of(embeds).predict(unet, dtype, scheduler.add_noise(x0, noise, steps), steps)
     maps = recorder.maps(tuple(latent.shape[-2:])).mean(dim=0)[positions]  # [k, h', w']
     return maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 

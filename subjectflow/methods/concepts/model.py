@@ -24,7 +24,7 @@ from safetensors.torch import load, save
 
 from ...training.adapters import adapter_state, load_adapter_state, lora_file_bytes
 from ...training.diffusion import Metrics, noised_prediction
-from ...training.tokens import ConceptTokens, MaskNorm, embed_prompts, masked_denoising_loss
+from ...training.tokens import MaskNorm, PromptTokens, masked_denoising_loss
 from .em import Refiner, iou, refine, token_maps
 
 PREFIX = "concepts."
@@ -38,8 +38,7 @@ def composed_prompt(tokens: list[str]) -> str:
 class ConceptObjective:
     unet: UNet2DConditionModel
     scheduler: object
-    text_encoder: torch.nn.Module
-    concepts: ConceptTokens  # one learned token per concept
+    concepts: PromptTokens  # one learned token per concept, in every text encoder
     latents: torch.Tensor  # [N, C, h, w] every photo any concept appears in
     photos: np.ndarray  # [N, H, W, 3] uint8: what the CRF's appearance kernel reads
     present: list[tuple[int, ...]]  # per photo, the concepts in it
@@ -85,7 +84,7 @@ class ConceptObjective:
                                                                device=device)[:count].tolist())
             prompts.append(composed_prompt([self.concepts.tokens[c] for c in chosen]))
             masks.append(self.masks[i, chosen].amax(dim=0))  # [1, H, W] the union
-        embeds = embed_prompts(self.concepts, self.text_encoder, prompts)
+        embeds = self.concepts.embed(prompts)
         pred, target = noised_prediction(self.unet, self._dtype, self.scheduler,
                                          self.latents[index.to(self.latents.device)], embeds, generator)
         loss = masked_denoising_loss(pred, target, torch.stack(masks).to(pred.device), self.normalise)
@@ -106,7 +105,7 @@ class ConceptObjective:
         new = self.masks.clone()
         for i, present in enumerate(self.present):
             prompt = composed_prompt([self.concepts.tokens[c] for c in present])
-            embeds = embed_prompts(self.concepts, self.text_encoder, [prompt])
+            embeds = self.concepts.embed([prompt])
             ids = self.concepts.tokenizer(prompt).input_ids
             positions = [ids.index(self.concepts.ids[c]) for c in present]
             maps = token_maps(self.unet, self.scheduler, self.latents[i:i + 1], embeds, positions, self.timesteps,
@@ -149,20 +148,24 @@ class ConceptObjective:
         the LoRA under diffusers' own keys (so the file is also a LoRA diffusers loads)."""
         tensors = load(lora_file_bytes(self.unet, self.adapter_name)) if self.kv else {}
         tensors.update({k: v.contiguous() for k, v in self._vectors().items()})
+        widths = self.concepts.widths  # recorded where a token spans more than one encoder (SDXL)
         return save(tensors, metadata={"format": "pt", "concepts.initialisers": json.dumps(initialisers),
-                                       "concepts.sources": json.dumps(sources)})
+                                       "concepts.sources": json.dumps(sources),
+                                       **({"concepts.widths": json.dumps(widths)} if len(widths) > 1 else {})})
 
 
 @dataclass
 class ConceptWeights:
     initialisers: dict[str, str]  # token -> the words its row started from, in concept order
     tensors: dict[str, torch.Tensor]
+    widths: list[int] | None = None  # SDXL: each token's columns per text encoder
 
     @classmethod
     def read(cls, path: Path) -> ConceptWeights:
         with safetensors.safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        return cls(json.loads(meta["concepts.initialisers"]), load(path.read_bytes()))
+        widths = json.loads(meta["concepts.widths"]) if "concepts.widths" in meta else None
+        return cls(json.loads(meta["concepts.initialisers"]), load(path.read_bytes()), widths)
 
     @property
     def vectors(self) -> dict[str, torch.Tensor]:

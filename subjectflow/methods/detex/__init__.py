@@ -26,11 +26,11 @@ from ...evaluation.scorers import dino_identity, load_dino
 from ...training.adapters import WEIGHT_NAME, trained_adapter
 from ...training.artefacts import adapter_id, autocast_dtype, prepare_unet, record_trained
 from ...training.class_images import class_image_latents, planned_class_images
-from ...training.data import class_prompt, encode_latents, encode_prompt, load_images, load_masks
+from ...training.data import class_prompt, encode_latents, load_images, load_masks
 from ...training.loop import train
 from ...training.sampling import generate_with_loras, subject_prompt
 from ...training.subjects import Subject, TuningError
-from ...training.tokens import KV_TARGETS, added_tokens, cross_attention, embed_prompts, token_for
+from ...training.tokens import KV_TARGETS, cross_attention, family_tokens, token_for
 from ..base import Artefacts, Context, Method
 from .model import (ATTRIBUTES, BACKGROUND, ENCODED, FEATURES, POSE, PROMPT, AttributeMapper, DetexObjective, DetexWeights,
                     keeping, photo_features, training_prompt)
@@ -38,6 +38,7 @@ from .model import (ATTRIBUTES, BACKGROUND, ENCODED, FEATURES, POSE, PROMPT, Att
 NAME = "detex"
 ENCODER_SETTING = "detex.image_encoder"
 EMBEDDINGS_NAME = "learned_embeds.safetensors"
+EMBEDDINGS_2_NAME = "learned_embeds_2.safetensors"  # SDXL's second text encoder's rows
 
 
 def detex_params(ctx: Context) -> dict:
@@ -78,10 +79,12 @@ def detex_objective(ctx: Context, subject: Subject) -> Iterator[DetexObjective]:
     class_latents = class_embeds = None
     if dx.prior_preservation:
         class_latents = class_image_latents(ctx, subject.class_name)
-        class_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, class_prompt(subject.class_name))
+        class_embeds = parts.family.encode(parts, class_prompt(subject.class_name), resolution)
     token = token_for(subject.name)
-    width = parts.text_encoder.config.hidden_size
-    scale = float(parts.text_encoder.get_input_embeddings().weight.detach().float().std())
+    # A mapped vector feeds every text encoder (SDXL: both, side by side), each at its word scale.
+    words = [encoder.get_input_embeddings().weight.detach().float() for encoder in parts.text_encoders()]
+    width = sum(w.shape[1] for w in words)
+    scale = torch.cat([torch.full((w.shape[1],), float(w.std())) for w in words])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)  # the mappers' init, reproducible
         mappers = torch.nn.ModuleDict({
@@ -89,10 +92,10 @@ def detex_objective(ctx: Context, subject: Subject) -> Iterator[DetexObjective]:
             "background": AttributeMapper(background_features.shape[1], dx.mapper_hidden, width, scale),
         }).to(device)
     prepare_unet(parts, config.train)
-    with (added_tokens(parts.tokenizer, parts.text_encoder, {token: subject.class_name}, ATTRIBUTES) as concepts,
+    with (family_tokens(parts, {token: subject.class_name}, resolution, ATTRIBUTES) as concepts,
           trained_adapter(parts.unet, dx.kv_rank, NAME, config.train.seed, KV_TARGETS) as kv,
           cross_attention(parts.unet)):
-        yield DetexObjective(parts.unet, parts.noise_scheduler, parts.text_encoder, concepts,
+        yield DetexObjective(parts.unet, parts.noise_scheduler, concepts,
                              training_prompt(token, subject.class_name), latents, masks.to(device), pose_features,
                              background_features, mappers, kv, dx.kv_learning_rate, config.train.batch_size,
                              dx.mask_loss, NAME, class_latents, class_embeds, dx.prior_weight)
@@ -141,10 +144,9 @@ def sample_detex(ctx: Context, subject: Subject, row: dict, prompt: str, n: int)
                    kept[POSE][0] is not None, kept[BACKGROUND][0] is not None)
     injected = {placeholder: weights.mapper(name)(weights.features(name)[index:index + 1])
                 for placeholder, (index, name) in kept.items() if index is not None}
-    with added_tokens(parts.tokenizer, parts.text_encoder, {weights.token: subject.class_name},
-                      ATTRIBUTES) as c:
+    with family_tokens(parts, {weights.token: subject.class_name}, cfg.resolution, ATTRIBUTES) as c:
         c.load_vectors({weights.token: weights.vector})
-        embeds = embed_prompts(c, parts.text_encoder, [text], {k: v.to(parts.unet.device) for k, v in injected.items()})
+        embeds = c.embed([text], {k: v.to(parts.unet.device) for k, v in injected.items()})
     recorded = json.dumps({f"keep_{name}": None if index is None else weights.photos[index]
                            for index, name in kept.values()})
     return generate_with_loras(ctx.catalog, ctx.config, parts, ctx.base, text, n, subject, [(NAME, path)], NAME,
@@ -152,17 +154,22 @@ def sample_detex(ctx: Context, subject: Subject, row: dict, prompt: str, n: int)
 
 
 def export_files(weights: DetexWeights, out: Path) -> list[Path]:
-    """What a plain diffusers user loads: the K/V LoRA and the token, each in diffusers' format."""
-    lora, embeddings = out / WEIGHT_NAME, out / EMBEDDINGS_NAME
+    """What a plain diffusers user loads: the K/V LoRA and the token, each in diffusers' format
+    (SDXL: the second text encoder's rows in a `_2` file, as textual_inversion_sdxl.py saves them)."""
+    lora = out / WEIGHT_NAME
     lora.write_bytes(save(weights.lora, metadata={"format": "pt"}))
-    embeddings.write_bytes(save({weights.token: weights.vector}))
-    return [lora, embeddings]
+    files = [lora]
+    for name, part in zip((EMBEDDINGS_NAME, EMBEDDINGS_2_NAME), weights.vector.split(weights.widths)):
+        files.append(out / name)
+        files[-1].write_bytes(save({weights.token: part.contiguous()}))
+    return files
 
 
 class Detex(Method):
     name = NAME
     summary = "a subject token beside per-photo pose/background embeddings; K/V LoRA on a masked loss"
     sections = ("train", "detex")
+    families = ("sd", "sdxl")  # the token goes into every CLIP text encoder
     steps_setting = "detex.steps"
     keeps_attributes = True
 
@@ -192,18 +199,21 @@ class Detex(Method):
 
 def _readme(base: str, weights: DetexWeights, subject: Subject) -> str:
     example = f"a photo of {weights.token} {subject.class_name} on a beach"
+    pipeline = "StableDiffusionXLPipeline" if len(weights.widths) > 1 else "StableDiffusionPipeline"
+    second = (f'pipe.load_textual_inversion("./{EMBEDDINGS_2_NAME}", token="{weights.token}", '
+              f'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n' if len(weights.widths) > 1 else "")
     return f"""# DETEX: {subject.name} ({subject.class_name})
 
 Base model: `{base}`. Trained by subjectflow's `detex` method: a learned token `{weights.token}`
 and a LoRA on the cross-attention keys and values. Two stock diffusers calls load it:
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("<the base model>")
+pipe = {pipeline}.from_pretrained("<the base model>")
 pipe.load_lora_weights(".", weight_name="{WEIGHT_NAME}")
 pipe.load_textual_inversion("./{EMBEDDINGS_NAME}")
-image = pipe("{example}").images[0]
+{second}image = pipe("{example}").images[0]
 ```
 
 `{NAME}.safetensors` also holds the pose and background mappers and the training photos'

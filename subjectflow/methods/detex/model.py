@@ -25,7 +25,8 @@ from ...evaluation.scorers import ImageScorer
 from ...training.adapters import adapter_state, load_adapter_state, lora_file_bytes
 from ...training.data import encode_latents
 from ...training.diffusion import Metrics, noised_prediction, pick
-from ...training.tokens import ConceptTokens, MaskNorm, embed_prompts, masked_denoising_loss
+from ...models.families import Prompt
+from ...training.tokens import MaskNorm, PromptTokens, masked_denoising_loss
 
 POSE, BACKGROUND = "<pose>", "<background>"
 ATTRIBUTES = {POSE: "pose", BACKGROUND: "background"}  # placeholder -> initialiser word
@@ -48,11 +49,11 @@ class AttributeMapper(torch.nn.Sequential):
     """feature -> hidden -> text width, GELU, LayerNorm. The LayerNorm's gain starts at the
     word embeddings' scale, so a mapped vector first looks like a word, not 30x larger."""
 
-    def __init__(self, features: int, hidden: int, width: int, scale: float = 1.0) -> None:
+    def __init__(self, features: int, hidden: int, width: int, scale: float | torch.Tensor = 1.0) -> None:
         super().__init__(torch.nn.Linear(features, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width),
                          torch.nn.LayerNorm(width))
-        with torch.no_grad():
-            self[3].weight.fill_(scale)
+        with torch.no_grad():  # one scale, or one per output column (SDXL: each encoder's words')
+            self[3].weight.copy_(torch.as_tensor(scale, dtype=torch.float32).expand(width))
 
 
 @torch.no_grad()
@@ -75,8 +76,7 @@ def photo_features(vae, pixels: torch.Tensor, masks: torch.Tensor, grid: int,
 class DetexObjective:
     unet: UNet2DConditionModel
     scheduler: object
-    text_encoder: torch.nn.Module
-    concepts: ConceptTokens  # the subject token (trained) and the two placeholders
+    concepts: PromptTokens  # the subject token (trained) and the two placeholders, in every text encoder
     prompt: str
     latents: torch.Tensor  # [N, C, h, w] the subject's photos
     masks: torch.Tensor  # [N, 1, H, W] their ingest masks in [0, 1]
@@ -89,7 +89,7 @@ class DetexObjective:
     normalise: MaskNorm = "area"
     adapter_name: str = "detex"
     class_latents: torch.Tensor | None = None  # prior preservation (unmasked, as DreamBooth's)
-    class_embeds: torch.Tensor | None = None
+    class_embeds: Prompt | None = None
     prior_weight: float = 1.0
     _dtype: torch.dtype = field(init=False)
 
@@ -111,9 +111,9 @@ class DetexObjective:
     def loss(self, generator: torch.Generator) -> tuple[torch.Tensor, Metrics]:
         index = torch.randint(0, self.latents.shape[0], (self.batch_size,), generator=generator,
                               device=generator.device).to(self.latents.device)
-        injected = {POSE: self.mappers["pose"](self.pose_features[index]),  # [B, D]
+        injected = {POSE: self.mappers["pose"](self.pose_features[index]),  # [B, D (SDXL: D1 + D2)]
                     BACKGROUND: self.mappers["background"](self.background_features[index])}
-        embeds = embed_prompts(self.concepts, self.text_encoder, [self.prompt] * self.batch_size, injected)
+        embeds = self.concepts.embed([self.prompt] * self.batch_size, injected)
         pred, target = noised_prediction(self.unet, self._dtype, self.scheduler, self.latents[index], embeds, generator)
         loss = masked_denoising_loss(pred, target, self.masks[index], self.normalise)
         metrics = {"instance_loss": loss.item()}
@@ -147,8 +147,10 @@ class DetexObjective:
         extra = {**self.learned_state(), "pose_features": self.pose_features, "background_features":
                  self.background_features}
         tensors.update({f"detex.{k}": v.detach().float().cpu().contiguous() for k, v in extra.items()})
+        widths = self.concepts.widths  # recorded where the token spans more than one encoder (SDXL)
         return save(tensors, metadata={"format": "pt", "detex.token": self.concepts.tokens[0],
-                                       "detex.photos": json.dumps(photos)})
+                                       "detex.photos": json.dumps(photos),
+                                       **({"detex.widths": json.dumps(widths)} if len(widths) > 1 else {})})
 
 
 @dataclass
@@ -156,12 +158,18 @@ class DetexWeights:
     token: str
     photos: list[str]  # image ids, in feature order
     tensors: dict[str, torch.Tensor]
+    encoder_widths: list[int] | None = None  # SDXL: the token's columns per text encoder
 
     @classmethod
     def read(cls, path: Path) -> DetexWeights:
         with safetensors.safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        return cls(meta["detex.token"], json.loads(meta["detex.photos"]), load(path.read_bytes()))
+        widths = json.loads(meta["detex.widths"]) if "detex.widths" in meta else None
+        return cls(meta["detex.token"], json.loads(meta["detex.photos"]), load(path.read_bytes()), widths)
+
+    @property
+    def widths(self) -> list[int]:
+        return self.encoder_widths or [self.vector.shape[-1]]
 
     @property
     def vector(self) -> torch.Tensor:

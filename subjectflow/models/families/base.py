@@ -123,9 +123,16 @@ class Family:
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
-        from ...training.data import encode_prompt
+        return self.combine([encoded(parts.tokenizer, parts.text_encoder, prompt)], resolution)
 
-        return Prompt(encode_prompt(parts.tokenizer, parts.text_encoder, prompt))
+    def combine(self, outputs: list[Any], resolution: int) -> Prompt:
+        """A batch of prompts from each CLIP text encoder's output (every hidden state): the
+        one place a family says which states it conditions on. SD: the last hidden states."""
+        return Prompt(outputs[0][0].float())
+
+    def pipeline_prompt(self, prompt: Prompt) -> dict[str, Any]:
+        """A prompt encoded here as the sampling pipeline's keywords (learned tokens' embeddings)."""
+        return {"prompt_embeds": prompt.states}
 
     def unconditional(self, parts: ModelParts, resolution: int) -> Prompt:
         """The prompt classifier-free guidance contrasts with: the empty one, as SD's pipeline uses."""

@@ -28,16 +28,23 @@ class StableDiffusionXL(Family):
         return {}
 
     def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
+        return self.combine([encoded(parts.tokenizer, parts.text_encoder, prompt),
+                             encoded(parts.tokenizer_2, parts.text_encoder_2, prompt)], resolution)
+
+    def combine(self, outputs: list[Any], resolution: int) -> Prompt:
         """As diffusers' train_dreambooth_lora_sdxl.py: each encoder's penultimate hidden
         states, concatenated on the feature axis; the pooled embedding of the second; time
         ids (original size, crop top-left, target size) for a square, uncropped image."""
         import torch
 
-        first = encoded(parts.tokenizer, parts.text_encoder, prompt)
-        second = encoded(parts.tokenizer_2, parts.text_encoder_2, prompt)
+        first, second = outputs
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()  # [B, L, D1 + D2]
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
-        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()  # [1, L, D1 + D2]
-        return Prompt(states, second.text_embeds.float(), time_ids)
+        return Prompt(states, second.text_embeds.float(), time_ids.expand(states.shape[0], -1))
+
+    def pipeline_prompt(self, prompt: Prompt) -> dict[str, Any]:
+        # The pipeline makes its own size ids from height and width, as `combine` does.
+        return {"prompt_embeds": prompt.states, "pooled_prompt_embeds": prompt.pooled}
 
     def unconditional(self, parts: ModelParts, resolution: int) -> Prompt:
         """Zeros for the empty prompt, as StableDiffusionXLPipeline does (force_zeros_for_empty_prompt)."""
