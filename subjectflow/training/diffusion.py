@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
@@ -33,6 +34,33 @@ def noised(noise_scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch
         t = t.to(x0).view(-1, *[1] * (x0.ndim - 1))
         return (1 - t) * x0 + t * noise
     return noise_scheduler.add_noise(x0, noise, t)
+
+
+def set_sampling_timesteps(scheduler: Any, steps: int, latents: torch.Tensor) -> None:
+    """`scheduler.set_timesteps` for a sampling loop over `latents` [B, C, h, w]. A scheduler
+    that shifts its sigmas by the image's size (FLUX's `use_dynamic_shifting`) gets the
+    shift FluxPipeline computes, from the h/2 · w/2 tokens its transformer sees."""
+    if not getattr(scheduler.config, "use_dynamic_shifting", False):
+        scheduler.set_timesteps(steps, device=latents.device)
+        return
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+    mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                         config.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=latents.device, mu=mu)
+
+
+def model_time(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
+    """A sampling scheduler's timestep as the denoiser call takes it: DDPM indices as they
+    are; flow-matching timesteps (sigma x 1000) as the time in [0, 1] (`Prompt.predict`)."""
+    return t / scheduler.config.num_train_timesteps if flow_matching(scheduler) else t
+
+
+def scaled_input(scheduler: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's input scaling where it has one (Euler, DPM); flow matching has none."""
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
 
 
 def denoising_target(

@@ -15,6 +15,7 @@ from subjectflow.jointsets import build_jointsets
 from subjectflow.methods import registry
 from subjectflow.methods.base import Context
 from subjectflow.methods.concepts.model import ConceptWeights
+from subjectflow.methods.jedi.attention import coupled
 from subjectflow.methods.oneactor.math import load_projector
 from subjectflow.models import (TINY_FLUX, TINY_SD3, TINY_SDXL, ModelNotAvailable, build_tiny, load_components,
                                 load_pipeline, native_resolution, resolve_model_path)
@@ -128,7 +129,7 @@ def test_sfo_trains_on_its_negatives_and_samples_and_methods_not_written_for_the
         subject = load_subject(catalog, "red_mug")
         # Refused from the settings alone (the model is not loaded for them): the UNet methods on transformers.
         refused = [m for m in ("jedi", "oneactor", "detex") if family.name not in registry.get(m).families]
-        assert refused == ([] if family is SDXL else ["jedi", "oneactor", "detex"])
+        assert refused == ([] if family is SDXL else ["oneactor", "detex"])
         for method in refused:
             with pytest.raises(TuningError, match=rf"{method} does not run on {family.label} base models .* it "
                                                   r"runs on Stable Diffusion 1.x/2.x, SDXL: pick such a base model"):
@@ -169,15 +170,48 @@ def test_oneactor_tunes_on_sdxl_with_the_offset_in_both_encoders_states_and_samp
     assert samples[0]["prompt"] == "a mug on the beach" and catalog.blob_path(samples[0]["file"]).is_file()
 
 
-def test_jedi_trains_on_sdxl_then_zero_shot_sfo_on_its_own_set_completions_and_samples_by_completion(tmp_path,
-                                                                                                     sdxl_dir):
+@pytest.mark.parametrize("model", ["sd3_dir", "flux_dir"], ids=["sd3", "flux"])
+def test_jedi_joins_a_sets_members_in_the_transformers_attention_and_a_set_of_one_is_the_plain_model(request,
+                                                                                                    model):
+    folder = request.getfixturevalue(model)
+    parts = load_components(str(folder), folder.parent, torch.device("cpu"), torch.float32)
+    prompt = parts.family.encode(parts, "a photo of a mug", 32).expand(2)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    other = x.clone()
+    other[1] += 1.0  # only the second member changes
+    t = torch.tensor([0.5, 0.5])
+    before = {name: type(p) for name, p in parts.unet.attn_processors.items()}
+
+    def denoise(latents):
+        return unet_eps(parts.unet, torch.float32, latents, t, prompt)
+
+    plain, plain_other = denoise(x), denoise(other)
+    torch.testing.assert_close(plain[0], plain_other[0])  # uncoupled, the first member ignores the second
+    with coupled(parts.unet, 1):
+        torch.testing.assert_close(denoise(x), plain)
+    twins = x[:1].repeat(2, 1, 1, 1)
+    plain_twins = denoise(twins)
+    with coupled(parts.unet, 2):
+        joint, joint_other, joint_twins = denoise(x), denoise(other), denoise(twins)
+    assert (joint[0] - joint_other[0]).abs().max() > 1e-4  # coupled, it attends to the second
+    # Two identical members: every key is there twice, at the same positions, so attention
+    # (and the output) is the plain model's; a member's positions misplaced in the set break this.
+    torch.testing.assert_close(joint_twins, plain_twins, atol=1e-4, rtol=1e-4)
+    assert {name: type(p) for name, p in parts.unet.attn_processors.items()} == before
+
+
+@pytest.mark.parametrize("model, family", [("sdxl_dir", SDXL), ("sd3_dir", SD3), ("flux_dir", FLUX)],
+                         ids=["sdxl", "sd3", "flux"])
+def test_jedi_trains_then_zero_shot_sfo_on_its_own_set_completions_and_samples_by_completion(tmp_path, request,
+                                                                                            model, family):
+    folder = request.getfixturevalue(model)
     catalog = ingested_catalog(tmp_path, subjects=("red_mug",))
-    config = tiny_config(model={"base": str(sdxl_dir)}, jointsets={"resolution": 32, "sets_per_subject": 2},
+    config = tiny_config(model={"base": str(folder)}, jointsets={"resolution": 32, "sets_per_subject": 2},
                          joint={"steps": 2}, sfo={"steps": 2}, negatives={"per_photo": 1, "steps": 2})
     build_jointsets(catalog, config.jointsets, say=lambda _: None)
     with Context.open(catalog, config, say=lambda line: None) as ctx:
         rows = registry.ensure(ctx, "jedi-sfo", None)  # the joint model, its CDNS completions, then SFO
-        assert ctx.parts.family is SDXL and rows["jedi"]["steps"] == rows["jedi-sfo"]["steps"] == 2
+        assert ctx.parts.family is family and rows["jedi"]["steps"] == rows["jedi-sfo"]["steps"] == 2
         assert catalog.read("negatives").num_rows == len(load_subject(catalog, "red_mug").images)
         samples = registry.sample(ctx, "jedi", "red_mug", "a {subject} on the beach", 1)
     assert samples[0]["resolution"] == 32 and catalog.blob_path(samples[0]["file"]).is_file()

@@ -38,7 +38,9 @@ class Jedi(Method):
     summary = "one joint-image model for every subject; personalises by set completion, no per-subject training"
     shared = True
     sections = ("train", "joint", "jointsets")
-    families = ("sd", "sdxl")  # coupled self-attention needs a UNet's; a transformer's is joint already
+    # A UNet's self-attention is coupled across the set; SD3's and FLUX's joint attention is
+    # joined over the set (our choice, jedi/joint_attention.py).
+    families = ("sd", "sdxl", "sd3", "flux")
     table = MODELS
     steps_setting = "joint.steps"
     usage = USAGE.format(method=JEDI)

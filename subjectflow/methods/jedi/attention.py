@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ...models.families import Prompt
+from ...training.diffusion import model_time, noised, scaled_input, set_sampling_timesteps
+from .joint_attention import CoupledJointAttention, couple_transformer
 
 if TYPE_CHECKING:  # diffusers only for annotations: callers hand us their own modules
     from diffusers.models.attention_processor import Attention
@@ -188,10 +190,12 @@ def couple_unet(unet: torch.nn.Module, set_size: int) -> tuple[CoupledSelfAttnPr
 
 
 @contextmanager
-def coupled(unet: torch.nn.Module, set_size: int) -> Iterator[CoupledSelfAttnProcessor]:
-    """Run `unet` with coupled self-attention inside the block; the previous processors come
+def coupled(unet: torch.nn.Module, set_size: int) -> Iterator[CoupledSelfAttnProcessor | CoupledJointAttention]:
+    """Run `unet` with coupled self-attention inside the block (a transformer, SD3's or
+    FLUX's: joint attention over the set, joint_attention.py); the previous processors come
     back on exit, also after an error (METHODS.md section 2)."""
-    processor, previous = couple_unet(unet, set_size)
+    couple = couple_unet if hasattr(unet, "down_blocks") else couple_transformer
+    processor, previous = couple(unet, set_size)
     try:
         yield processor
     finally:
@@ -246,10 +250,10 @@ def complete_set(
     size = k + n_new
     device = references.device
     dtype = next(unet.parameters()).dtype
-    scheduler.set_timesteps(steps, device=device)
     shape = (n_new, *references.shape[1:])
     latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
-    latents = latents * scheduler.init_noise_sigma
+    set_sampling_timesteps(scheduler, steps, latents)
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     reference_noise = torch.randn(references.shape, generator=generator,
                                   device=generator.device if generator else "cpu").to(device)
     references_text = Prompt.of(reference_embeds)
@@ -259,20 +263,21 @@ def complete_set(
 
     with coupled(unet, size) as processor:
         for t in scheduler.timesteps:
+            at = model_time(scheduler, t)
             if reference_mode == "noised":  # every member at t, so every input is scaled for t
-                known = scheduler.add_noise(references, reference_noise, t.expand(k)) if k else references
-                members = scheduler.scale_model_input(torch.cat([known, latents]), t)
-                known_t = t
+                known = noised(scheduler, references, reference_noise, at.expand(k)) if k else references
+                members = scaled_input(scheduler, torch.cat([known, latents]), t)
+                known_t = at
             else:  # clean references are at t=0: only the noisy members are scaled (Euler, DPM)
-                members = torch.cat([references, scheduler.scale_model_input(latents, t)])
-                known_t = torch.zeros_like(t)
-            member_t = torch.cat([known_t.expand(k), t.expand(n_new)]).repeat(2)
+                members = torch.cat([references, scaled_input(scheduler, latents, t)])
+                known_t = torch.zeros_like(at)
+            member_t = torch.cat([known_t.expand(k), at.expand(n_new)]).repeat(2)
 
             processor.set_size = size
             eps = sets_text.predict(unet, dtype, torch.cat([members, members]), member_t)
             e_image, e_full = eps[k:size], eps[size + k:]
             processor.set_size = 1
-            e_none = null_text.predict(unet, dtype, members[k:], t)
+            e_none = null_text.predict(unet, dtype, members[k:], at.expand(n_new))
 
             guided = compositional_guidance(e_none, e_image, e_full, image_scale, text_scale)
             latents = scheduler.step(guided, t, latents).prev_sample

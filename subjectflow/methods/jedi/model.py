@@ -24,7 +24,7 @@ from ...models.families import Prompt
 from ...models.loading import ModelParts, load_components, resolve_device
 from ...training.adapters import adapter_state, add_lora, load_adapter_state, load_lora_file, lora_file_bytes
 from ...training.artefacts import autocast_dtype, find_row, record_trained
-from ...training.diffusion import Metrics, denoising_loss, denoising_target, unet_eps
+from ...training.diffusion import Metrics, denoising_loss, denoising_target, noised, training_timesteps, unet_eps
 from ...training.loop import TrainResult, train
 from ...training.parallel import SINGLE, Ranks, devices_for, run_ranks
 from ...training.subjects import TuningError, training_subjects
@@ -159,8 +159,7 @@ class JointObjective:
         x0 = self.set_latents[index]  # [B, N, C, h, w]
         caption = self.set_captions[index]  # [B, N]
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        t = torch.randint(0, int(self.scheduler.config.num_train_timesteps), (b, 1), generator=generator,
-                          device=generator.device).to(x0.device).expand(b, members)
+        t = training_timesteps(self.scheduler, b, generator).to(x0.device)[:, None].expand(b, members)
         alone = self.reference_dropout > 0 and self._draw((1,), generator).item() < self.reference_dropout
         if alone:  # one member per set, by itself, under the empty prompt
             pick = torch.randint(0, members, (b,), generator=generator, device=generator.device).to(x0.device)
@@ -179,7 +178,7 @@ class JointObjective:
             t = torch.where(known, torch.zeros_like(t), t)
         x0, noise, t, known = x0.flatten(0, 1), noise.flatten(0, 1), t.flatten(), known.flatten()  # sets consecutive
         mask = known.view(-1, *([1] * (x0.ndim - 1)))
-        noisy = torch.where(mask, x0, self.scheduler.add_noise(x0, noise, t))  # known members exactly clean
+        noisy = torch.where(mask, x0, noised(self.scheduler, x0, noise, t))  # known members exactly clean
         with self._sets_of(x0.shape[0] // b):
             pred = unet_eps(self.unet, self._dtype, noisy, t, self.captions.at(caption.flatten()))
         scored = (~known).float()

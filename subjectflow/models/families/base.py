@@ -86,16 +86,18 @@ class Family:
 
     name = "sd"
     label = "Stable Diffusion 1.x/2.x"
-    pipelines: tuple[str, ...] = ("StableDiffusionPipeline",)
+    pipelines: tuple[str, ...] = ("StableDiffusionPipeline",)  # model_index.json classes; the first samples
+    img2img = "StableDiffusionImg2ImgPipeline"
     denoiser_folder = "unet"
+    denoiser_class = "UNet2DConditionModel"  # diffusers' class in `denoiser_folder`
     # How SFT draws its timesteps: uniform (DreamBooth; diffusers' SDXL and FLUX scripts), or
     # logit-normal (diffusers' SD3 script); training.diffusion.training_timesteps.
     sft_timesteps = "uniform"
 
     def load_denoiser(self, path: str, **kwargs: Any) -> Any:
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
-        return UNet2DConditionModel.from_pretrained(path, subfolder=self.denoiser_folder, **kwargs)
+        return getattr(diffusers, self.denoiser_class).from_pretrained(path, subfolder=self.denoiser_folder, **kwargs)
 
     def training_scheduler(self, path: str) -> Any:
         from diffusers import DDPMScheduler
@@ -139,15 +141,15 @@ class Family:
         return self.encode(parts, "", resolution)
 
     def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
-        return StableDiffusionPipeline(**self._pipeline_parts(parts, scheduler))
+        return getattr(diffusers, self.pipelines[0])(**self._pipeline_parts(parts, scheduler))
 
     def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
         """SDEdit from a given image (CDNS negatives)."""
-        from diffusers import StableDiffusionImg2ImgPipeline
+        import diffusers
 
-        return StableDiffusionImg2ImgPipeline(**self._pipeline_parts(parts, scheduler))
+        return getattr(diffusers, self.img2img)(**self._pipeline_parts(parts, scheduler))
 
     def img2img_options(self, resolution: int) -> dict[str, Any]:
         """Keywords an img2img call needs beyond the prompt and image: SD's works at the image's size."""
@@ -157,6 +159,30 @@ class Family:
         return {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer,
                 "unet": parts.unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
                 "requires_safety_checker": False}
+
+
+class FlowMatchingFamily(Family):
+    """What SD3 and FLUX share: a transformer trained by flow matching, sampled with the same
+    Euler scheduler, and img2img pipelines that resize to the size asked for."""
+
+    denoiser_folder = "transformer"
+
+    def training_scheduler(self, path: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+
+    def sampling_scheduler(self, training: Any) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(training.config)
+
+    def pipeline_options(self) -> dict[str, Any]:
+        return {}
+
+    def img2img_options(self, resolution: int) -> dict[str, Any]:
+        # Their img2img pipelines resize the image to height x width, by default 1024 px.
+        return {"height": resolution, "width": resolution}
 
 
 def encoded(tokenizer: Any, encoder: Any, prompt: str, max_length: int | None = None) -> Any:

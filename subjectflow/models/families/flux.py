@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Family, Prompt, encoded
+from .base import FlowMatchingFamily, Prompt, encoded
 
 if TYPE_CHECKING:
     import torch
@@ -42,26 +42,12 @@ class FluxPrompt(Prompt):
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).float()
 
 
-class Flux(Family):
+class Flux(FlowMatchingFamily):
     name = "flux"
     label = "FLUX.1"
     pipelines = ("FluxPipeline",)
-    denoiser_folder = "transformer"
-
-    def load_denoiser(self, path: str, **kwargs: Any) -> Any:
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel.from_pretrained(path, subfolder=self.denoiser_folder, **kwargs)
-
-    def training_scheduler(self, path: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-
-    def sampling_scheduler(self, training: Any) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(training.config)
+    img2img = "FluxImg2ImgPipeline"
+    denoiser_class = "FluxTransformer2DModel"
 
     def extra_text_encoders(self, path: str) -> list[tuple[Any, Any]]:
         from transformers import T5EncoderModel, T5TokenizerFast
@@ -69,28 +55,11 @@ class Flux(Family):
         return [(T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"),
                  T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2"))]
 
-    def pipeline_options(self) -> dict[str, Any]:
-        return {}
-
     def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
         """As FluxPipeline.encode_prompt: CLIP's pooled output and T5's last hidden states."""
         clip = encoded(parts.tokenizer, parts.text_encoder, prompt)
         t5 = encoded(parts.tokenizer_2, parts.text_encoder_2, prompt, MAX_SEQUENCE_LENGTH)
         return FluxPrompt(t5.last_hidden_state.float(), clip.pooler_output.float())
-
-    def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import FluxPipeline
-
-        return FluxPipeline(**self._pipeline_parts(parts, scheduler))
-
-    def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import FluxImg2ImgPipeline
-
-        return FluxImg2ImgPipeline(**self._pipeline_parts(parts, scheduler))
-
-    def img2img_options(self, resolution: int) -> dict[str, Any]:
-        # FluxImg2ImgPipeline resizes the image to height x width, by default 1024 px.
-        return {"height": resolution, "width": resolution}
 
     def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
         return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Family, Prompt, encoded
+from .base import FlowMatchingFamily, Prompt, encoded
 
 if TYPE_CHECKING:
     import torch
@@ -27,28 +27,14 @@ class SD3Prompt(Prompt):
                         timestep=(t * 1000).to(noisy.device, dtype), return_dict=False)[0].float()
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
     label = "Stable Diffusion 3"
     pipelines = ("StableDiffusion3Pipeline",)
-    denoiser_folder = "transformer"
+    img2img = "StableDiffusion3Img2ImgPipeline"
+    denoiser_class = "SD3Transformer2DModel"
     # diffusers' train_dreambooth_lora_sd3.py default: --weighting_scheme logit_normal (0, 1).
     sft_timesteps = "logit_normal"
-
-    def load_denoiser(self, path: str, **kwargs: Any) -> Any:
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_pretrained(path, subfolder=self.denoiser_folder, **kwargs)
-
-    def training_scheduler(self, path: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-
-    def sampling_scheduler(self, training: Any) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(training.config)
 
     def extra_text_encoders(self, path: str) -> list[tuple[Any, Any]]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -63,9 +49,6 @@ class StableDiffusion3(Family):
 
         return CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder")
 
-    def pipeline_options(self) -> dict[str, Any]:
-        return {}
-
     def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
         """As StableDiffusion3Pipeline.encode_prompt (no clip skip)."""
         import torch
@@ -77,19 +60,6 @@ class StableDiffusion3(Family):
         clip = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2]], dim=-1)  # [1, 77, D_L + D_G]
         states = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)  # [1, 77 + L, D_T5]
         return SD3Prompt(states.float(), torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1).float())
-
-    def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline(**self._pipeline_parts(parts, scheduler))
-
-    def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import StableDiffusion3Img2ImgPipeline
-
-        return StableDiffusion3Img2ImgPipeline(**self._pipeline_parts(parts, scheduler))
-
-    def img2img_options(self, resolution: int) -> dict[str, Any]:
-        return {"height": resolution, "width": resolution}
 
     def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
         return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,

@@ -17,6 +17,7 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     label = "SDXL"
     pipelines = ("StableDiffusionXLPipeline",)
+    img2img = "StableDiffusionXLImg2ImgPipeline"  # without the refiner's aesthetic score: its default
 
     def extra_text_encoders(self, path: str) -> list[tuple[Any, Any]]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -53,17 +54,6 @@ class StableDiffusionXL(Family):
         empty = self.encode(parts, "", resolution)
         return Prompt(torch.zeros_like(empty.states), torch.zeros_like(empty.pooled), empty.time_ids)
 
-    def sampling_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(**self._pipeline_parts(parts, scheduler))
-
-    def img2img_pipeline(self, parts: ModelParts, scheduler: Any) -> Any:
-        from diffusers import StableDiffusionXLImg2ImgPipeline
-
-        # The aesthetic-score conditioning is the refiner's; a base model's UNet takes size ids.
-        return StableDiffusionXLImg2ImgPipeline(**self._pipeline_parts(parts, scheduler),
-                                                requires_aesthetics_score=False)
 
     def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
         return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,
