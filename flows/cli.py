@@ -205,6 +205,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     methods = args.method or list(config.evaluate.methods)
     if not (args.subject or args.all or all(registry.get(m).shared for m in methods)):
         raise ConfigError("name the subjects with --subject NAME (repeatable), or pass --all")
+    registry.check_base_model(catalog, config, methods)
     if args.steps is not None:  # each named method's own step count, not its parent's
         settings = sorted({registry.get(m).steps_setting for m in methods})
         config = _with_steps(catalog, args, settings)
@@ -216,8 +217,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_negatives(args: argparse.Namespace) -> int:
     from flows.tune import negatives_flow
+    from subjectflow.methods import registry
 
     catalog, config = _config(args)
+    registry.check_base_model(catalog, config, [args.method])
     run = _on_engine(negatives_flow, config, str(catalog.root), args.method, args.subject or None)
     print(run.summary())
     return 1 if run.failures else 0

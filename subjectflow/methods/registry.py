@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..catalog import Catalog
+from ..catalog.layout import MODELS_DIR
 from ..catalog.schemas import ADAPTERS
 from ..config import Config
-from ..models.families import FAMILIES
+from ..models.families import FAMILIES, Family
+from ..models.loading import model_family, resolve_model_path
 from ..training.artefacts import find_row
 from ..training.sampling import generate_with_loras, identified, subject_prompt
 from ..training.subjects import Subject, TuningError, load_subject, load_subjects
@@ -91,10 +94,23 @@ def runs_on(method: Method) -> str:
 
 def refuse_family(ctx: Context, name: str) -> None:
     """TuningError when `name` is not written for the base model's family."""
-    method = get(name)
-    if ctx.family.name not in method.families:
-        raise TuningError(f"{name} does not run on {ctx.family.label} base models ({ctx.config.model.base}); it "
-                          f"runs on {runs_on(method)}: pick such a base model, or leave {name} out of evaluate.methods")
+    refuse_families(ctx.family, ctx.config.model.base, [name])
+
+
+def refuse_families(family: Family, base: str, names: list[str]) -> None:
+    """TuningError naming the first of `names` not written for `family` (the base model
+    `base`'s), and where it runs: a command checks before it starts any work."""
+    for name in names:
+        method = get(name)
+        if family.name not in method.families:
+            raise TuningError(f"{name} does not run on {family.label} base models ({base}); it runs on "
+                              f"{runs_on(method)}: pick such a base model, or leave {name} out of evaluate.methods")
+
+
+def check_base_model(catalog: Catalog, config: Config, names: list[str]) -> None:
+    """Before a command starts any work: every method of `names` runs on the base model's family."""
+    family = model_family(resolve_model_path(config.model.base, catalog.root / MODELS_DIR))
+    refuse_families(family, config.model.base, names)
 
 
 def tune_command(ctx: Context, name: str, subject: Subject | None) -> str:

@@ -59,6 +59,16 @@ def test_input_errors_exit_2_with_a_message(tmp_path, capfd):
     assert "does not exist" in capfd.readouterr().err
 
 
+def test_a_method_not_written_for_the_base_models_family_is_refused_before_any_work(tmp_path, capfd):
+    main(["init", str(tmp_path / "cat")])
+    args = ["tune", "--method", "sfo", "--method", "oneactor", "--subject", "mug", "--catalog", str(tmp_path / "cat"),
+            "--model", "tiny-flux"]
+    assert main(args) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "oneactor does not run on FLUX.1 base models (tiny-flux); it runs on " \
+                                     "Stable Diffusion 1.x/2.x, SDXL: pick such a base model" in err
+
+
 def test_a_typo_in_params_yaml_fails_before_any_work(tmp_path, capfd):
     main(["init", str(tmp_path / "cat")])
     params = tmp_path / "cat" / "params.yaml"
