@@ -62,8 +62,10 @@ def summary(out: Path) -> None:
     print(f"concepts training steps/s: {1 / per_step['Concepts']:.2f} ({ratios['concepts_over_sft_per_step']:.2f}x "
           f"SFT's time per step); E-step {em['e_step_s']:.3f} s ({em['e_step_s_per_photo']:.3f} s per photo, "
           f"{em['refiner']}); refinement per image: {refine}")
-    for family in ("sdxl", "flux"):  # bench/families.py, through tune.py --arch
-        found = json.loads((out / family / "results.json").read_text())
+    for results in sorted(out.glob("*/results.json")):  # bench/families.py's (sdxl, flux), through tune.py --arch
+        found = json.loads(results.read_text())
+        if "parameters" not in found:
+            continue
         print(f"{found['args']['arch']} training ({found['parameters'] / 1e6:,.1f}M parameters, "
               f"{found['args']['resolution']} px): "
               + ", ".join(f"{row} {r['steps_per_s']:.2f} steps/s {r['peak_mib']:.0f} MiB"
