@@ -1,6 +1,6 @@
 """Load a base model of a supported family (models/families/): an embedded tiny model
-("tiny-sd", "tiny-sdxl", "tiny-flux"), a local diffusers folder, or a Hugging Face hub id that is
-already in the local cache.
+("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"), a local diffusers folder, or a Hugging
+Face hub id that is already in the local cache.
 
 Runs do not download unless asked to (`allow_download`): a hub id that is not cached
 fails at once with the command that fetches it, rather than hanging on a machine
@@ -126,8 +126,8 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
         return _check_pipeline_folder(Path(snapshot_download(repo_id, local_files_only=True)),
                                       f"the cached copy of {repo_id!r}")
     except HFValidationError as exc:
-        raise ModelNotAvailable(f"base model {repo_id!r} is neither an embedded model ({', '.join(TINY_MODELS)}), a local folder, nor a valid "
-                                f"hub id ('org/name'): {exc}") from exc
+        raise ModelNotAvailable(f"base model {repo_id!r} is neither an embedded model ({', '.join(TINY_MODELS)}), "
+                                f"a local folder, nor a valid hub id ('org/name'): {exc}") from exc
     except LocalEntryNotFoundError:
         pass
     offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE

@@ -61,7 +61,7 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tens
 
 
 def _shift(vae) -> float:
-    # FLUX's VAE centres its latents (shift_factor); SD's has none.
+    # SD3's and FLUX's VAEs centre their latents (shift_factor); SD's and SDXL's have none.
     return getattr(vae.config, "shift_factor", None) or 0.0
 
 

@@ -1,5 +1,5 @@
 """Denoising maths every method shares: noising and regression targets for both schedules
-(DDPM; flow matching, FLUX), per-sample errors, the plain denoising loss, and one
+(DDPM; flow matching, SD3 and FLUX), per-sample errors, the plain denoising loss, and one
 denoiser call in the model's dtype.
 
 The SFO pairwise loss lives with SFO; this is what SFT, JeDi, OneActor and SFO's own
@@ -23,7 +23,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def flow_matching(noise_scheduler: Any) -> bool:
-    """Whether the denoiser was trained by flow matching (FLUX): x_t = (1 - t)·x0 + t·eps with
+    """Whether the denoiser was trained by flow matching (SD3, FLUX): x_t = (1 - t)·x0 + t·eps with
     t in [0, 1] (1 = pure noise), regressing the velocity eps - x0."""
     return isinstance(noise_scheduler, FlowMatchEulerDiscreteScheduler)
 

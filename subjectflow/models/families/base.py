@@ -93,6 +93,8 @@ class Family:
     # How SFT draws its timesteps: uniform (DreamBooth; diffusers' SDXL and FLUX scripts), or
     # logit-normal (diffusers' SD3 script); training.diffusion.training_timesteps.
     sft_timesteps = "uniform"
+    # Each text encoder's padded prompt length, in order; None: its tokenizer's own (CLIP's 77).
+    max_lengths: tuple[int | None, ...] = ()
 
     def load_denoiser(self, path: str, **kwargs: Any) -> Any:
         import diffusers
@@ -121,15 +123,19 @@ class Family:
         return []
 
     def pipeline_options(self) -> dict[str, Any]:
-        """`from_pretrained` keywords for the whole pipeline: SD's ships a safety checker."""
-        return {"safety_checker": None, "requires_safety_checker": False}
+        """Pipeline keywords beside its modules (`from_pretrained` and the constructor): SD's
+        ships a safety checker, which sampling here goes without."""
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
-        return self.combine([encoded(parts.tokenizer, parts.text_encoder, prompt)], resolution)
+        lengths = (*self.max_lengths, None, None, None)
+        return self.combine([encoded(tokenizer, encoder, prompt, length) for tokenizer, encoder, length
+                             in zip(parts.tokenizers(), parts.text_encoders(), lengths)], resolution)
 
     def combine(self, outputs: list[Any], resolution: int) -> Prompt:
-        """A batch of prompts from each CLIP text encoder's output (every hidden state): the
-        one place a family says which states it conditions on. SD: the last hidden states."""
+        """A batch of prompts from each text encoder's output (every hidden state), in the
+        family's order: the one place a family says which states it conditions on. SD: the
+        last hidden states."""
         return Prompt(outputs[0][0].float())
 
     def pipeline_prompt(self, prompt: Prompt) -> dict[str, Any]:
@@ -156,9 +162,11 @@ class Family:
         return {}
 
     def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
-        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer,
-                "unet": parts.unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
-                "requires_safety_checker": False}
+        """The pipeline's modules, the model's own, under the names model_index.json gives them."""
+        modules = {"vae": parts.vae, "scheduler": scheduler, self.denoiser_folder: parts.unet}
+        for suffix, tokenizer, encoder in zip(("", "_2", "_3"), parts.tokenizers(), parts.text_encoders()):
+            modules |= {f"tokenizer{suffix}": tokenizer, f"text_encoder{suffix}": encoder}
+        return modules | self.pipeline_options()
 
 
 class FlowMatchingFamily(Family):
@@ -193,4 +201,6 @@ def encoded(tokenizer: Any, encoder: Any, prompt: str, max_length: int | None = 
                     truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return encoder(ids.to(encoder.device), output_hidden_states=True)
+
+
 SD = Family()

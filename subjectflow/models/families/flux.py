@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import FlowMatchingFamily, Prompt, encoded
+from .base import FlowMatchingFamily, Prompt
 
 if TYPE_CHECKING:
     import torch
 
-    from ..loading import ModelParts
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's and diffusers' train_dreambooth_lora_flux.py's default
 # The distilled guidance the transformer is told in training: train_dreambooth_lora_flux.py's
@@ -48,6 +47,7 @@ class Flux(FlowMatchingFamily):
     pipelines = ("FluxPipeline",)
     img2img = "FluxImg2ImgPipeline"
     denoiser_class = "FluxTransformer2DModel"
+    max_lengths = (None, MAX_SEQUENCE_LENGTH)
 
     def extra_text_encoders(self, path: str) -> list[tuple[Any, Any]]:
         from transformers import T5EncoderModel, T5TokenizerFast
@@ -55,16 +55,10 @@ class Flux(FlowMatchingFamily):
         return [(T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"),
                  T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2"))]
 
-    def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
+    def combine(self, outputs: list[Any], resolution: int) -> Prompt:
         """As FluxPipeline.encode_prompt: CLIP's pooled output and T5's last hidden states."""
-        clip = encoded(parts.tokenizer, parts.text_encoder, prompt)
-        t5 = encoded(parts.tokenizer_2, parts.text_encoder_2, prompt, MAX_SEQUENCE_LENGTH)
+        clip, t5 = outputs
         return FluxPrompt(t5.last_hidden_state.float(), clip.pooler_output.float())
-
-    def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
-        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,
-                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "transformer": parts.unet,
-                "scheduler": scheduler}
 
 
 FLUX = Flux()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import FlowMatchingFamily, Prompt, encoded
+from .base import FlowMatchingFamily, Prompt
 
 if TYPE_CHECKING:
     import torch
 
-    from ..loading import ModelParts
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default, so training sees what sampling does
 
@@ -35,6 +34,7 @@ class StableDiffusion3(FlowMatchingFamily):
     denoiser_class = "SD3Transformer2DModel"
     # diffusers' train_dreambooth_lora_sd3.py default: --weighting_scheme logit_normal (0, 1).
     sft_timesteps = "logit_normal"
+    max_lengths = (None, None, MAX_SEQUENCE_LENGTH)
 
     def extra_text_encoders(self, path: str) -> list[tuple[Any, Any]]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -49,23 +49,16 @@ class StableDiffusion3(FlowMatchingFamily):
 
         return CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder")
 
-    def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
+    def combine(self, outputs: list[Any], resolution: int) -> Prompt:
         """As StableDiffusion3Pipeline.encode_prompt (no clip skip)."""
         import torch
         import torch.nn.functional as F
 
-        clip_l = encoded(parts.tokenizer, parts.text_encoder, prompt)
-        clip_g = encoded(parts.tokenizer_2, parts.text_encoder_2, prompt)
-        t5 = encoded(parts.tokenizer_3, parts.text_encoder_3, prompt, MAX_SEQUENCE_LENGTH).last_hidden_state
+        clip_l, clip_g, t5 = outputs
+        t5 = t5.last_hidden_state
         clip = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2]], dim=-1)  # [1, 77, D_L + D_G]
         states = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)  # [1, 77 + L, D_T5]
         return SD3Prompt(states.float(), torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1).float())
-
-    def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
-        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,
-                "text_encoder_3": parts.text_encoder_3, "tokenizer": parts.tokenizer,
-                "tokenizer_2": parts.tokenizer_2, "tokenizer_3": parts.tokenizer_3, "transformer": parts.unet,
-                "scheduler": scheduler}
 
 
 SD3 = StableDiffusion3()

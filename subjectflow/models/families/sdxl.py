@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Family, Prompt, encoded
+from .base import Family, Prompt
 
 if TYPE_CHECKING:
     from ..loading import ModelParts
@@ -28,10 +28,6 @@ class StableDiffusionXL(Family):
     def pipeline_options(self) -> dict[str, Any]:
         return {}
 
-    def encode(self, parts: ModelParts, prompt: str, resolution: int) -> Prompt:
-        return self.combine([encoded(parts.tokenizer, parts.text_encoder, prompt),
-                             encoded(parts.tokenizer_2, parts.text_encoder_2, prompt)], resolution)
-
     def combine(self, outputs: list[Any], resolution: int) -> Prompt:
         """As diffusers' train_dreambooth_lora_sdxl.py: each encoder's penultimate hidden
         states, concatenated on the feature axis; the pooled embedding of the second; time
@@ -53,12 +49,6 @@ class StableDiffusionXL(Family):
 
         empty = self.encode(parts, "", resolution)
         return Prompt(torch.zeros_like(empty.states), torch.zeros_like(empty.pooled), empty.time_ids)
-
-
-    def _pipeline_parts(self, parts: ModelParts, scheduler: Any) -> dict[str, Any]:
-        return {"vae": parts.vae, "text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2,
-                "tokenizer": parts.tokenizer, "tokenizer_2": parts.tokenizer_2, "unet": parts.unet,
-                "scheduler": scheduler}
 
 
 SDXL = StableDiffusionXL()
