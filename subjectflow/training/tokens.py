@@ -216,7 +216,11 @@ def family_tokens(parts: ModelParts, tokens: dict[str, str], resolution: int,
         yield PromptTokens(encoders, [encoder for _, encoder in pairs], parts.family, resolution)
 
 
-def textual_inversion_files(vectors: dict[str, torch.Tensor], widths: list[int] | None = None) -> dict[str, bytes]:
+TEXTUAL_INVERSION_STEM = "learned_embeds-{i}"  # the i-th token's file name, without ".safetensors"
+
+
+def textual_inversion_files(vectors: dict[str, torch.Tensor], widths: list[int] | None = None,
+                            stem: str = TEXTUAL_INVERSION_STEM) -> dict[str, bytes]:
     """Diffusers textual-inversion files for `vectors` (token -> [D], or [D1 + D2] for SDXL's
     two encoders, as `PromptTokens.vectors()` gives them), each {token: [D]} as
     `textual_inversion.py` saves `learned_embeds.safetensors`; `pipe.load_textual_inversion(path)`
@@ -225,8 +229,22 @@ def textual_inversion_files(vectors: dict[str, torch.Tensor], widths: list[int] 
     files = {}
     for i, (token, vector) in enumerate(vectors.items()):
         for j, part in enumerate(vector.split(widths or [vector.shape[-1]], dim=-1)):
-            files[f"learned_embeds-{i}{'_2' if j else ''}.safetensors"] = save({token: part.contiguous()})
+            files[f"{stem.format(i=i)}{'_2' if j else ''}.safetensors"] = save({token: part.contiguous()})
     return files
+
+
+def textual_inversion_usage(tokens: list[str], widths: list[int] | None = None,
+                            stem: str = TEXTUAL_INVERSION_STEM) -> tuple[str, str]:
+    """(the stock diffusers pipeline class, its `load_textual_inversion` calls) that load
+    `textual_inversion_files`' files, for an export's model card."""
+    xl = widths is not None and len(widths) > 1
+    calls = []
+    for i, token in enumerate(tokens):
+        calls.append(f'pipe.load_textual_inversion("./{stem.format(i=i)}.safetensors")')
+        if xl:  # SDXL's second text encoder takes its own rows
+            calls.append(f'pipe.load_textual_inversion("./{stem.format(i=i)}_2.safetensors", token="{token}", '
+                         'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)')
+    return ("StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"), "\n".join(calls)
 
 
 # -- the masked loss ------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from ...training.data import encode_latents, load_images, load_masks
 from ...training.loop import train
 from ...training.sampling import generate_with_loras
 from ...training.subjects import TuningError
-from ...training.tokens import KV_TARGETS, cross_attention, family_tokens, textual_inversion_files
+from ...training.tokens import (KV_TARGETS, cross_attention, family_tokens, textual_inversion_files,
+                               textual_inversion_usage)
 from .. import SETS_COMMAND
 from ..base import Artefacts, Context, Method
 from .em import iou, refiner
@@ -306,15 +307,7 @@ class Concepts(Method):
 
 def _readme(base: str, weights: ConceptWeights, name: str) -> str:
     tokens = list(weights.vectors)
-    xl = weights.widths is not None and len(weights.widths) > 1
-    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
-    calls = []
-    for i, token in enumerate(tokens):
-        calls.append(f'pipe.load_textual_inversion("./learned_embeds-{i}.safetensors")')
-        if xl:  # SDXL's second text encoder takes its own rows
-            calls.append(f'pipe.load_textual_inversion("./learned_embeds-{i}_2.safetensors", token="{token}", '
-                         'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)')
-    loads = "\n".join(calls)
+    pipeline, loads = textual_inversion_usage(tokens, weights.widths)
     lora = f'pipe.load_lora_weights(".", weight_name="{WEIGHT_NAME}")\n' if weights.has_lora else ""
     return f"""# Concept set {name}: {', '.join(tokens)}
 

@@ -30,15 +30,15 @@ from ...training.data import class_prompt, encode_latents, load_images, load_mas
 from ...training.loop import train
 from ...training.sampling import generate_with_loras, subject_prompt
 from ...training.subjects import Subject, TuningError
-from ...training.tokens import KV_TARGETS, cross_attention, family_tokens, token_for
+from ...training.tokens import (KV_TARGETS, cross_attention, family_tokens, textual_inversion_files,
+                               textual_inversion_usage, token_for)
 from ..base import Artefacts, Context, Method
 from .model import (ATTRIBUTES, BACKGROUND, ENCODED, FEATURES, POSE, PROMPT, AttributeMapper, DetexObjective, DetexWeights,
                     keeping, photo_features, training_prompt)
 
 NAME = "detex"
 ENCODER_SETTING = "detex.image_encoder"
-EMBEDDINGS_NAME = "learned_embeds.safetensors"
-EMBEDDINGS_2_NAME = "learned_embeds_2.safetensors"  # SDXL's second text encoder's rows
+EMBEDDINGS_STEM = "learned_embeds"  # one token: learned_embeds.safetensors (SDXL: and learned_embeds_2)
 
 
 def detex_params(ctx: Context) -> dict:
@@ -159,9 +159,9 @@ def export_files(weights: DetexWeights, out: Path) -> list[Path]:
     lora = out / WEIGHT_NAME
     lora.write_bytes(save(weights.lora, metadata={"format": "pt"}))
     files = [lora]
-    for name, part in zip((EMBEDDINGS_NAME, EMBEDDINGS_2_NAME), weights.vector.split(weights.widths)):
+    for name, data in textual_inversion_files({weights.token: weights.vector}, weights.widths, EMBEDDINGS_STEM).items():
         files.append(out / name)
-        files[-1].write_bytes(save({weights.token: part.contiguous()}))
+        files[-1].write_bytes(data)
     return files
 
 
@@ -199,9 +199,7 @@ class Detex(Method):
 
 def _readme(base: str, weights: DetexWeights, subject: Subject) -> str:
     example = f"a photo of {weights.token} {subject.class_name} on a beach"
-    pipeline = "StableDiffusionXLPipeline" if len(weights.widths) > 1 else "StableDiffusionPipeline"
-    second = (f'pipe.load_textual_inversion("./{EMBEDDINGS_2_NAME}", token="{weights.token}", '
-              f'text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n' if len(weights.widths) > 1 else "")
+    pipeline, loads = textual_inversion_usage([weights.token], weights.widths, EMBEDDINGS_STEM)
     return f"""# DETEX: {subject.name} ({subject.class_name})
 
 Base model: `{base}`. Trained by subjectflow's `detex` method: a learned token `{weights.token}`
@@ -212,8 +210,8 @@ from diffusers import {pipeline}
 
 pipe = {pipeline}.from_pretrained("<the base model>")
 pipe.load_lora_weights(".", weight_name="{WEIGHT_NAME}")
-pipe.load_textual_inversion("./{EMBEDDINGS_NAME}")
-{second}image = pipe("{example}").images[0]
+{loads}
+image = pipe("{example}").images[0]
 ```
 
 `{NAME}.safetensors` also holds the pose and background mappers and the training photos'
