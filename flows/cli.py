@@ -474,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps of each named method, set in its own section "
                    "(`subjectflow methods` shows which setting)")
     _add_set(p)
-    p.add_argument("--model", help="base model: tiny-sd, tiny-sdxl, tiny-flux, a local diffusers folder (SD 1.x/2.x, SDXL, "
-                   "FLUX.1) or a cached hub id (default: model.base)")
+    p.add_argument("--model", help="base model: tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, a local diffusers folder "
+                   "(SD 1.x/2.x, SDXL, SD3, FLUX.1) or a cached hub id (default: model.base)")
     _add_catalog(p)
     p.add_argument("--no-version", action="store_true", help="do not record a catalog version")
 

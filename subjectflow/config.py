@@ -89,15 +89,15 @@ class IngestConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # An embedded model built by the project ("tiny-sd", "tiny-sdxl", "tiny-flux"), a local
-    # diffusers folder (SD 1.x/2.x, SDXL or FLUX.1), or a hub id already in the local Hugging
-    # Face cache: nothing is downloaded at run time.
+    # An embedded model built by the project ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"),
+    # a local diffusers folder (SD 1.x/2.x, SDXL, SD3 or FLUX.1), or a hub id already in the
+    # local Hugging Face cache: nothing is downloaded at run time.
     base: str = "tiny-sd"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
 
 
-# "auto" = the base model's native size (tiny-sd 64, SD 1.x 512, SD 2.x 768, SDXL and FLUX 1024):
+# "auto" = the base model's native size (tiny-sd 64, SD 1.x 512, SD 2.x 768, SDXL, SD3 and FLUX 1024):
 # its denoiser's sample_size times the VAE's downsampling, resolved once per run by
 # `Config.at_native_resolution` so every artefact records the number it used.
 Resolution = Literal["auto"] | Annotated[int, Field(ge=16, le=4096)]

@@ -393,9 +393,9 @@ class OneActorObjective:
     def __post_init__(self) -> None:
         if len(self.target_latents) != len(self.target_h) or len(self.aux_latents) != len(self.aux_h):
             raise ValueError("every latent needs its feature h in the same row (target and auxiliary)")
-        if len(self.template_positions) != len(Prompt.of(self.template_embeds).states):
-            raise ValueError("template_positions needs one list of positions per template embedding")
         self.template_embeds = Prompt.of(self.template_embeds)
+        if len(self.template_positions) != len(self.template_embeds.states):
+            raise ValueError("template_positions needs one list of positions per template embedding")
         self._dtype = self.unet.dtype
 
     def parameters(self) -> list[torch.nn.Parameter]:
